@@ -1,0 +1,66 @@
+# tunnelhub — the README's two commands are `make synth` and `make test`.
+# Both work on a fresh Debian 12 machine as root with only PyPI, npm and Debian's archive
+# reachable: they create the virtualenv from pyproject.toml and install what they need.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(VENV)/bin/pip
+SPEC        ?= examples/hubs.yaml
+OUT         ?= cdktf.out
+DIST        ?= dist
+PYTEST_ARGS ?=
+
+# Debian packages the tests drive for real (sshd, autossh, HAProxy, socat, MariaDB in network
+# namespaces; cloud-init's schema check; lintian and debootstrap for the on-prem package).
+TEST_DEBS := openssh-server openssh-client autossh haproxy socat mariadb-server mariadb-client \
+             cloud-init lintian debootstrap dpkg-dev iproute2 nftables iptables systemd
+
+.PHONY: synth test bench lab venv venv-test debs clean help
+
+help:
+	@echo "make synth   synthesize every example stack into $(OUT)/ (and build the example .deb)"
+	@echo "make test    install test dependencies (venv + Debian packages) and run the test suite"
+	@echo "make bench   run the benchmarks under bench/ and print their numbers"
+	@echo "make lab     run the end-to-end network-namespace lab alone and print its report"
+
+$(VENV)/.base-installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml $(VENV)/.base-installed
+	$(PIP) install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.base-installed
+venv-test: $(VENV)/.test-installed
+
+# Install the Debian packages the tests need, only those missing. A temporary policy-rc.d keeps
+# their maintainer scripts from starting services (sshd, MariaDB) on the host: the tests start
+# their own daemons inside network namespaces.
+debs:
+	@missing=""; for p in $(TEST_DEBS); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make test needs root to install:$$missing" >&2; exit 1; fi; \
+	  echo "installing Debian packages:$$missing"; \
+	  made_policy=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made_policy=1; fi; \
+	  ( apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing ); rc=$$?; \
+	  [ -n "$$made_policy" ] && rm -f /usr/sbin/policy-rc.d; \
+	  exit $$rc; \
+	fi
+
+synth: $(VENV)/.base-installed
+	$(VENV)/bin/tunnelhub synth $(SPEC) --out $(OUT)
+
+test: $(VENV)/.test-installed debs
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.test-installed debs
+	@set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
+
+clean:
+	rm -rf $(OUT) $(DIST) .pytest_cache

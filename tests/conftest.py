@@ -1,0 +1,59 @@
+"""Session-wide fixtures. Synthesis imports provider packages (tens of seconds), so each spec is
+synthesized at most once per test session and the results are shared."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_SPEC = ROOT / "examples" / "hubs.yaml"
+
+
+@dataclass
+class Synthesized:
+    """A synthesized output directory and its parsed stacks."""
+
+    outdir: Path
+    manifest: dict
+    stacks: dict[str, dict] = field(default_factory=dict)
+
+    def stack(self, name: str) -> dict:
+        return self.stacks[name]
+
+    def text(self, name: str) -> str:
+        return (self.outdir / "stacks" / name / "cdk.tf.json").read_text()
+
+
+@pytest.fixture(scope="session")
+def synth_spec(tmp_path_factory):
+    """Synthesize a spec (a path, or YAML text) once per session and return :class:`Synthesized`."""
+    from tunnelhub.spec import load_spec, validate_text
+    from tunnelhub.synth import synthesize
+
+    cache: dict[str, Synthesized] = {}
+
+    def run(spec_path: Path = EXAMPLE_SPEC, *, text: str | None = None) -> Synthesized:
+        key = text if text is not None else str(spec_path)
+        if key not in cache:
+            spec = validate_text(text, "test.yaml").spec if text is not None else load_spec(spec_path)
+            out = tmp_path_factory.mktemp("synth") / "cdktf.out"
+            synthesize(spec, out)
+            manifest = json.loads((out / "manifest.json").read_text())
+            stacks = {
+                name: json.loads((out / entry["synthesizedStackPath"]).read_text())
+                for name, entry in manifest["stacks"].items()
+            }
+            cache[key] = Synthesized(out, manifest, stacks)
+        return cache[key]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def example(synth_spec) -> Synthesized:
+    """The example spec, synthesized once."""
+    return synth_spec()

@@ -1,0 +1,518 @@
+"""Every validation rule of the hub spec, with the message it produces."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import ADMIN_KEY, aws_hub, azure_hub, load_hubs, mutated, spec_errors, spec_text
+from tunnelhub.spec import SpecError, load_spec, validate_spec, validate_text
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hubs.yaml"
+
+
+# ------------------------------------------------------------------ the example and defaults
+
+
+def test_example_spec_is_valid_and_resolved():
+    report = validate_spec(EXAMPLE)
+    assert report.warnings == []
+    weu, use = report.spec.hubs
+    assert (weu.stack_name, use.stack_name) == ("weu-azure", "use-aws")
+    assert [r.tunnel_port for r in weu.routes] == [13306, 15432]
+    assert [r.domain for r in weu.routes] == ["orders-mysql.weu.tunnelhub.internal", "billing-pg.weu.tunnelhub.internal"]
+    assert [r.probe_mode for r in weu.routes] == ["mysql", "postgresql"]
+    aoai = use.route("aoai")
+    assert aoai.tunnel_port is None
+    assert aoai.domain == "contoso-aoai.openai.azure.com"  # forward routes keep the real name (TLS/SNI)
+    assert aoai.probe_mode == "tls"
+
+
+def test_defaults_are_documented_values():
+    hub = load_hubs(azure_hub()).hubs[0]
+    assert hub.proxies.count == 2
+    assert hub.proxies.health_port == 8080
+    assert (hub.proxies.probe_interval_s, hub.proxies.probe_threshold) == (5, 2)
+    assert hub.proxy_size == "Standard_D2s_v5"
+    assert hub.egress == "nat_gateway"
+    assert hub.private_circuit is True
+    assert hub.zones == ["1", "2", "3"]
+    assert hub.onprem.tunnel_user == "tunnel"
+    assert hub.backend.type == "local"
+    aws = load_hubs(aws_hub()).hubs[0]
+    assert (aws.proxy_size, aws.egress, aws.private_circuit, aws.zones, aws.zone_count) == (
+        "t3.small", "slot_eip", False, None, 2)
+
+
+def test_explicit_false_and_zero_like_values_survive():
+    hub = load_hubs(aws_hub(onprem={"source_cidrs": ["203.0.113.0/28"], "private_circuit": True},
+                            network={"cidr": "10.70.0.0/24", "availability_zones": ["us-east-1a", "us-east-1b"]})).hubs[0]
+    assert hub.private_circuit is True
+    az = load_hubs(azure_hub(network={"cidr": "10.60.0.0/24", "availability_zones": []})).hubs[0]
+    assert az.zones == []
+
+
+# ------------------------------------------------------------------ error format
+
+
+def test_error_names_file_line_hub_path_value_and_fix(tmp_path):
+    path = tmp_path / "hubs.yaml"
+    path.write_text(spec_text(mutated(azure_hub(), lambda h: h["routes"][1].update(port=3306))))
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    message = str(exc.value)
+    line = [l for l in message.splitlines() if "routes[1].port" in l][0]
+    assert line.startswith(f"  {path}:")
+    assert re.search(r":\d+: hub \"weu\": hubs\[0\]\.routes\[1\]\.port = 3306: frontend ports must be unique", line)
+    assert "routes[0] (orders-mysql) already uses it" in line
+
+
+def test_every_problem_is_reported_at_once():
+    hub = azure_hub(region="eu-west-1")
+    hub["routes"][1]["port"] = 22
+    message = spec_errors(hub)
+    assert "(2 problems)" in message
+    assert "region" in message and "routes[1].port" in message
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hubs:\n  - name: weu\n    cloud: [azure\n")
+    with pytest.raises(SpecError, match=r"bad.yaml:\d+: .*not valid YAML"):
+        load_spec(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(SpecError, match="the spec is empty"):
+        load_spec(empty)
+
+
+def test_duplicate_yaml_key_is_an_error():
+    text = spec_text(azure_hub()).replace("  cloud: azure\n", "  cloud: azure\n  cloud: aws\n", 1)
+    assert "key 'cloud' appears twice" in spec_errors(text=text)
+
+
+# ------------------------------------------------------------------ unknown keys and secrets
+
+
+def test_unknown_key_suggests_the_right_one():
+    message = spec_errors(azure_hub(proxies={"helth_port": 9000}))
+    assert "proxies.helth_port: unknown key 'helth_port' (did you mean 'health_port'?)" in message
+    assert "allowed keys here: admin_ssh_public_keys, admin_username, count, health_port" in message
+
+
+def test_literal_password_is_refused_with_the_fix():
+    hub = azure_hub(databricks=_databricks(connections=[{"route": "orders-mysql", "user": "u", "password": "hunter2"}]))
+    message = spec_errors(hub)
+    assert "connections[0].password: literal credentials are not allowed" in message
+    assert "password_var" in message
+    assert "hunter2" not in message  # the secret itself is never echoed
+
+
+def test_password_var_must_be_a_variable_name():
+    hub = azure_hub(databricks=_databricks(connections=[{"route": "orders-mysql", "user": "u", "password_var": "p@ss w0rd!"}]))
+    assert "password_var" in spec_errors(hub) and "Terraform variable name" in spec_errors(hub)
+
+
+# ------------------------------------------------------------------ names
+
+
+@pytest.mark.parametrize("name", ["A", "x", "-ab", "ab-", "a--b", "has_underscore", "waytoolongforahubname"])
+def test_bad_hub_names(name):
+    assert "hubs[0].name" in spec_errors(azure_hub(name=name))
+
+
+def test_duplicate_hub_names():
+    assert "hub names must be unique" in spec_errors(azure_hub(), azure_hub(network={"cidr": "10.61.0.0/24"}))
+
+
+def test_route_names_unique():
+    hub = mutated(azure_hub(), lambda h: h["routes"][1].update(name="orders-mysql"))
+    assert "routes[1].name = 'orders-mysql': route names must be unique" in spec_errors(hub)
+
+
+# ------------------------------------------------------------------ ports
+
+
+def test_frontend_ports_unique():
+    hub = mutated(azure_hub(), lambda h: h["routes"][1].update(port=3306))
+    assert "frontend ports must be unique" in spec_errors(hub)
+
+
+def test_port_22_refused_for_routes_and_health():
+    hub = mutated(azure_hub(), lambda h: h["routes"][0].update(port=22))
+    assert "routes[0].port = 22: port 22 is reserved for the tunnel SSH connection" in spec_errors(hub)
+    assert "proxies.health_port = 22: port 22 is the tunnel SSH port" in spec_errors(azure_hub(proxies={"health_port": 22}))
+
+
+def test_route_port_must_not_be_the_health_port():
+    hub = mutated(azure_hub(proxies={"health_port": 5432}), lambda h: None)
+    assert "routes[1].port = 5432: port 5432 is the proxies' health port" in spec_errors(hub)
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1])
+def test_ports_in_range(port):
+    hub = mutated(azure_hub(), lambda h: h["routes"][0].update(port=port))
+    assert "routes[0].port" in spec_errors(hub) and "ports must be in 1-65535" in spec_errors(hub)
+
+
+@pytest.mark.parametrize("port", [22, 1024, 80, 70000])
+def test_tunnel_ports_above_1024(port):
+    hub = mutated(azure_hub(), lambda h: h["routes"][0].update(tunnel_port=port))
+    assert "tunnel ports must be above 1024" in spec_errors(hub)
+
+
+def test_tunnel_ports_unique():
+    hub = mutated(azure_hub(), lambda h: [r.update(tunnel_port=14000) for r in h["routes"]])
+    assert "routes[1].tunnel_port = 14000: tunnel ports must be unique" in spec_errors(hub)
+
+
+def test_tunnel_port_must_differ_from_frontend_and_health_ports():
+    hub = mutated(azure_hub(), lambda h: h["routes"][0].update(tunnel_port=5432))
+    assert "a tunnel port must differ from every frontend port" in spec_errors(hub)
+    hub = mutated(azure_hub(proxies={"health_port": 9090}), lambda h: h["routes"][0].update(tunnel_port=9090))
+    assert "this is the proxies' health port" in spec_errors(hub)
+
+
+def test_forward_route_cannot_have_a_tunnel_port():
+    hub = mutated(aws_hub(), lambda h: h["routes"][1].update(tunnel_port=14443))
+    assert "routes[1].tunnel_port = 14443: a forward route has no tunnel" in spec_errors(hub)
+
+
+def test_derived_tunnel_port_avoids_taken_ports():
+    hub = azure_hub(routes=[
+        {"name": "a1", "kind": "tunnel", "port": 3306, "target": "db:3306", "tunnel_port": 13306},
+        {"name": "b1", "kind": "tunnel", "port": 3307, "target": "db:3306"},
+        {"name": "c1", "kind": "tunnel", "port": 13307, "target": "db:3306"},
+        {"name": "d1", "kind": "tunnel", "port": 60000, "target": "db:3306"},
+    ])
+    ports = [r.tunnel_port for r in load_hubs(hub).hubs[0].routes]
+    # b1 prefers 13307, which is c1's frontend port: it takes the first free from 20000;
+    # c1 prefers 23307; d1's preference 70000 is out of range.
+    assert ports == [13306, 20000, 23307, 20001]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=65535).filter(lambda p: p not in (22, 8080)),
+                min_size=1, max_size=12, unique=True))
+def test_derived_tunnel_ports_are_unique_and_valid(frontend_ports):
+    routes = [{"name": f"r{i}", "kind": "tunnel", "port": p, "target": "db:1"} for i, p in enumerate(frontend_ports)]
+    hub = load_hubs(azure_hub(routes=routes)).hubs[0]
+    tunnel = [r.tunnel_port for r in hub.routes]
+    assert len(set(tunnel)) == len(tunnel)
+    assert all(1024 < t <= 65535 for t in tunnel)
+    assert not set(tunnel) & (set(frontend_ports) | {22, 8080})
+
+
+# ------------------------------------------------------------------ targets and domains
+
+
+@pytest.mark.parametrize("target", ["db", "db:", ":3306", "db:0", "db:99999", "bad host:1", "[zz]:1"])
+def test_bad_targets(target):
+    hub = mutated(azure_hub(), lambda h: h["routes"][0].update(target=target))
+    assert "routes[0].target" in spec_errors(hub)
+
+
+def test_ipv6_target_literal_is_accepted():
+    hub = mutated(azure_hub(), lambda h: h["routes"][0].update(target="[fd00::15]:3306"))
+    assert load_hubs(hub).hubs[0].routes[0].target_host == "fd00::15"
+
+
+def test_forward_route_to_a_private_address_belongs_in_a_tunnel():
+    hub = mutated(aws_hub(), lambda h: h["routes"][1].update(target="10.1.2.3:443"))
+    assert "belongs in a tunnel route" in spec_errors(hub)
+
+
+@pytest.mark.parametrize("domain", ["single", "bad_label.example.com", "-x.example.com", "a." * 130 + "com",
+                                    ("x" * 64) + ".example.com", "example.123"])
+def test_bad_route_domains(domain):
+    hub = mutated(azure_hub(), lambda h: h["routes"][0].update(domain=domain))
+    assert "routes[0].domain" in spec_errors(hub) and "not a valid domain name" in spec_errors(hub)
+
+
+def test_network_policy_domains_allow_leading_wildcard_only():
+    ok = azure_hub(databricks=_databricks(network_policy={"allowed_domains": ["*.blob.core.windows.net", "pypi.org"]}))
+    assert load_hubs(ok).hubs[0].databricks.network_policy.allowed_domains[0] == "*.blob.core.windows.net"
+    bad = azure_hub(databricks=_databricks(network_policy={"allowed_domains": ["pypi.*.org"]}))
+    assert "network_policy.allowed_domains[0]" in spec_errors(bad)
+
+
+# ------------------------------------------------------------------ networks
+
+
+@pytest.mark.parametrize("cidr, fragment", [
+    ("10.60.0.5/24", "host bits are set: did you mean 10.60.0.0/24?"),
+    ("10.60.0.0", "needs a prefix length"),
+    ("10.60.0.0/33", "not a valid IPv4 CIDR"),
+    ("fd00::/64", "only IPv4"),
+    ("8.8.8.0/24", "must use a private range"),
+])
+def test_bad_hub_cidrs(cidr, fragment):
+    assert fragment in spec_errors(azure_hub(network={"cidr": cidr}))
+
+
+def test_network_needs_exactly_one_source():
+    assert "give exactly one of cidr" in spec_errors(azure_hub(network={}))
+    both = azure_hub(network={"cidr": "10.60.0.0/24", "existing_vnet": _existing_vnet()})
+    assert "given: cidr, existing_vnet" in spec_errors(both)
+
+
+def test_existing_network_of_the_other_cloud():
+    hub = azure_hub(network={"existing_vpc": _existing_vpc()})
+    assert "existing_vpc is for AWS hubs" in spec_errors(hub)
+
+
+def test_existing_vnet_computes_static_addresses():
+    hub = load_hubs(azure_hub(network={"existing_vnet": _existing_vnet()})).hubs[0]
+    plan = hub.azure_addresses()
+    assert str(plan.lb_frontend_ip) == "10.90.1.4"
+    assert [str(ip) for ip in plan.proxy_ips] == ["10.90.1.5", "10.90.1.6"]
+    bad = _existing_vnet()
+    bad["proxy_subnet_id"] = bad["proxy_subnet_id"].replace("hub-vnet", "other-vnet")
+    assert "must belong to existing_vnet.vnet_id" in spec_errors(azure_hub(network={"existing_vnet": bad}))
+
+
+def test_existing_vpc_subnets_inside_the_vpc():
+    vpc = _existing_vpc()
+    vpc["proxy_subnets"][0]["cidr"] = "10.99.0.0/26"
+    assert "not inside the VPC CIDR" in spec_errors(aws_hub(network={"existing_vpc": vpc}))
+
+
+def test_onprem_must_not_overlap_the_hub():
+    hub = azure_hub(onprem={"source_cidrs": ["10.60.0.128/25"]})
+    assert "onprem.source_cidrs[0] = '10.60.0.128/25': overlaps the hub network 10.60.0.0/24" in spec_errors(hub)
+
+
+def test_classic_compute_must_not_overlap_the_hub():
+    hub = azure_hub(databricks=_databricks(classic={"network_id": _vnet_id("dbx"), "cidrs": ["10.60.0.0/16"]}))
+    assert "classic.cidrs[0]" in spec_errors(hub) and "peered networks must not overlap" in spec_errors(hub)
+
+
+def test_hubs_must_not_overlap_each_other():
+    assert "overlaps hub 'weu'" in spec_errors(azure_hub(), aws_hub(network={"cidr": "10.60.0.0/23"}))
+
+
+def test_proxy_count_must_fit_the_subnet():
+    message = spec_errors(azure_hub(network={"cidr": "10.60.0.0/26"}, proxies={"count": 12}))
+    assert "room for 10 proxies" in message and "proxies.count is 12" in message
+
+
+def test_aws_subnets_need_room_for_the_slot_block():
+    assert "smaller than /26" in spec_errors(aws_hub(network={"cidr": "10.70.0.0/25"}))
+
+
+def test_aws_slot_addresses_spread_over_zones():
+    plan = load_hubs(aws_hub(proxies={"count": 3})).hubs[0].aws_addresses()
+    assert plan.slot_zones == (0, 1, 0)
+    assert [str(i) for i in plan.slot_private_ips] == ["10.70.0.16", "10.70.0.80", "10.70.0.17"]
+
+
+def test_egress_choices_per_cloud():
+    assert "azure hubs allow egress: nat_gateway or none" in spec_errors(azure_hub(network={"cidr": "10.60.0.0/24", "egress": "slot_eip"}))
+    assert "aws hubs allow egress: slot_eip or nat_gateway" in spec_errors(aws_hub(network={"cidr": "10.70.0.0/24", "egress": "none"}))
+
+
+def test_zones():
+    assert "Azure zones are '1', '2' and '3'" in spec_errors(azure_hub(network={"cidr": "10.60.0.0/24", "availability_zones": ["4"]}))
+    assert "like us-east-1a" in spec_errors(aws_hub(network={"cidr": "10.70.0.0/24", "availability_zones": ["eu-west-1a", "us-east-1b"]}))
+    assert "at least two zones" in spec_errors(aws_hub(network={"cidr": "10.70.0.0/24", "availability_zones": ["us-east-1a"]}))
+
+
+# ------------------------------------------------------------------ regions and cloud blocks
+
+
+def test_region_of_the_other_cloud():
+    assert "'eu-west-1' is an AWS region, but this hub has cloud: azure" in spec_errors(azure_hub(region="eu-west-1"))
+    assert "'westeurope' is an Azure region, but this hub has cloud: aws" in spec_errors(aws_hub(region="westeurope"))
+
+
+def test_unknown_region_suggests():
+    assert "did you mean 'westeurope'?" in spec_errors(azure_hub(region="westeurop"))
+
+
+def test_cloud_settings_block_of_the_other_cloud():
+    assert "an 'aws:' block on an azure hub" in spec_errors(azure_hub(aws={}))
+    assert "an 'azure:' block on an aws hub" in spec_errors(aws_hub(azure={}))
+
+
+def test_azure_tunnel_host_needs_a_private_circuit():
+    hub = azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"], "private_circuit": False})
+    assert "Azure proxies have no public address" in spec_errors(hub)
+
+
+# ------------------------------------------------------------------ probes
+
+
+def test_probe_mode_must_match_the_database_type():
+    hub = mutated(azure_hub(), lambda h: h["routes"][0].update(probe={"mode": "postgresql"}))
+    assert "the route's type is mysql; a postgresql probe would fail" in spec_errors(hub)
+
+
+def test_probe_bounds():
+    hub = mutated(azure_hub(), lambda h: h["routes"][0].update(probe={"interval_s": 0.1}))
+    assert "routes[0].probe.interval_s" in spec_errors(hub)
+    hub = mutated(azure_hub(), lambda h: h["routes"][0].update(probe={"interval_s": 1, "timeout_s": 10}))
+    assert "must not exceed 5 × interval_s" in spec_errors(hub)
+
+
+def test_lb_probe_limits():
+    assert "proxies.probe_interval_s" in spec_errors(azure_hub(proxies={"probe_interval_s": 2}))
+    assert "AWS NLB health checks need a threshold of 2-10" in spec_errors(aws_hub(proxies={"probe_threshold": 1}))
+
+
+def test_auto_probe_modes():
+    routes = [
+        {"name": "pg1", "kind": "tunnel", "port": 5432, "target": "db:5432", "type": "postgresql"},
+        {"name": "raw1", "kind": "tunnel", "port": 9000, "target": "db:9000"},
+        {"name": "web1", "kind": "forward", "port": 443, "target": "api.example.com:443"},
+        {"name": "ssh1", "kind": "tunnel", "port": 2222, "target": "db:2222", "probe": {"mode": "banner"}},
+    ]
+    hub = load_hubs(azure_hub(routes=routes)).hubs[0]
+    assert [r.probe_mode for r in hub.routes] == ["postgresql", "connect", "tls", "banner"]
+
+
+# ------------------------------------------------------------------ keys and users
+
+
+@pytest.mark.parametrize("key, fragment", [
+    ("-----BEGIN OPENSSH PRIVATE KEY----- abc", "this is a private key"),
+    ("ssh-dss AAAAB3NzaC1kc3MAAACBAP", "unsupported SSH key type ssh-dss"),
+    ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9Tna!!", "base64 body is damaged"),
+    ('restrict,permitlisten="localhost:13306" ssh-ed25519 AAAA', "options are not allowed here"),
+    ("ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIG9TnaTPCfkVHI4enHIB/o1Z2+M6vNsVV5AK6J06BCGO", "its body holds a ssh-ed25519 key"),
+    ("ssh-ed25519", "not an OpenSSH public key"),
+])
+def test_bad_tunnel_keys(key, fragment):
+    hub = azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"], "tunnel_public_keys": [key]})
+    assert fragment in spec_errors(hub)
+
+
+def test_small_rsa_keys_are_refused(tmp_path):
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(tmp_path / "k")], check=True)
+    key = (tmp_path / "k.pub").read_text().strip()
+    hub = azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"], "tunnel_public_keys": [key]})
+    assert "at least 3072 bits (this one has 2048)" in spec_errors(hub)
+
+
+def test_admin_keys_validated_too():
+    assert load_hubs(azure_hub(proxies={"admin_ssh_public_keys": [ADMIN_KEY]})).hubs[0].proxies.admin_ssh_public_keys
+    assert "proxies.admin_ssh_public_keys[0]" in spec_errors(azure_hub(proxies={"admin_ssh_public_keys": ["nope"]}))
+
+
+@pytest.mark.parametrize("user", ["root", "Tunnel", "9x", "ubuntu"])
+def test_tunnel_user(user):
+    hub = azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"], "tunnel_user": user})
+    assert "onprem.tunnel_user" in spec_errors(hub)
+
+
+def test_no_tunnel_keys_is_a_warning_not_an_error():
+    report = validate_text(spec_text(azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"]})), "t.yaml")
+    assert len(report.warnings) == 1
+    assert "warning: no tunnel keys yet" in report.warnings[0].render("t.yaml")
+
+
+# ------------------------------------------------------------------ databricks
+
+
+def test_connection_rules():
+    hub = azure_hub(databricks=_databricks(connections=[
+        {"route": "nope", "user": "u", "password_var": "p"},
+        {"route": "orders-mysql", "password_var": "p"},
+        {"route": "orders-mysql", "user": "u", "user_var": "v", "password_var": "p"},
+    ]))
+    message = spec_errors(hub)
+    assert "connections[0].route = 'nope': no route with this name" in message
+    assert "connections[1]: give exactly one of user" in message
+    assert "connections[2].name = 'orders_mysql': connection names must be unique" in message
+
+
+def test_connection_needs_a_database_route():
+    hub = aws_hub(databricks=_databricks(host="https://dbc-1234567.cloud.databricks.com",
+                                         connections=[{"route": "aoai", "user": "u", "password_var": "p"}]))
+    assert "route 'aoai' has no database type" in spec_errors(hub)
+
+
+def test_workspace_of_the_other_cloud():
+    hub = aws_hub(databricks=_databricks())
+    assert "this is an azure workspace URL but the hub is on aws" in spec_errors(hub)
+
+
+@pytest.mark.parametrize("name", ["ab", "has space", "x" * 31])
+def test_ncc_name_rules(name):
+    assert "NCC names are 3-30" in spec_errors(azure_hub(databricks=_databricks(ncc_name=name)))
+
+
+def test_databricks_ids():
+    assert "must be a UUID" in spec_errors(azure_hub(databricks=_databricks(account_id="acct-1")))
+    assert "numeric workspace id" in spec_errors(azure_hub(databricks=_databricks(workspace_id="adb-12")))
+    assert "must be the workspace URL" in spec_errors(azure_hub(databricks=_databricks(host="adb-1.azuredatabricks.net")))
+
+
+def test_classic_network_id_per_cloud():
+    hub = aws_hub(databricks=_databricks(host="https://dbc-1234567.cloud.databricks.com",
+                                         classic={"network_id": "vnet-1", "cidrs": ["10.80.0.0/16"]}))
+    assert "must be the workspace VPC id" in spec_errors(hub)
+    hub = azure_hub(databricks=_databricks(classic={"network_id": "vpc-0a1b2c3d4e5f60718", "cidrs": ["10.139.0.0/16"]}))
+    assert "Azure: must be an Azure resource id" in spec_errors(hub)
+
+
+# ------------------------------------------------------------------ backends
+
+
+def test_cloud_backend_workspaces_are_not_shared():
+    backend = {"type": "cloud", "organization": "acme", "workspace": "hub"}
+    message = spec_errors(azure_hub(backend=backend), aws_hub(backend=backend))
+    assert "hubs[1].backend.workspace" in message and "each hub stack needs its own workspace" in message
+
+
+def test_backend_type():
+    assert "hubs[0].backend" in spec_errors(azure_hub(backend={"type": "s3"}))
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _vnet_id(name: str) -> str:
+    return f"/subscriptions/11111111-2222-3333-4444-555555555555/resourceGroups/rg/providers/Microsoft.Network/virtualNetworks/{name}"
+
+
+def _existing_vnet() -> dict:
+    vnet = _vnet_id("hub-vnet")
+    return {
+        "vnet_id": vnet,
+        "proxy_subnet_id": vnet + "/subnets/proxies",
+        "proxy_subnet_cidr": "10.90.1.0/26",
+        "pls_nat_subnet_id": vnet + "/subnets/pls-nat",
+    }
+
+
+def _existing_vpc() -> dict:
+    return {
+        "vpc_id": "vpc-0123456789abcdef0",
+        "vpc_cidr": "10.90.0.0/22",
+        "proxy_subnets": [
+            {"id": "subnet-0123456789abcdef0", "cidr": "10.90.0.0/26", "availability_zone": "us-east-1a"},
+            {"id": "subnet-0123456789abcdef1", "cidr": "10.90.0.64/26", "availability_zone": "us-east-1b"},
+        ],
+        "nlb_subnets": [
+            {"id": "subnet-0123456789abcdef2", "cidr": "10.90.1.0/26", "availability_zone": "us-east-1a"},
+            {"id": "subnet-0123456789abcdef3", "cidr": "10.90.1.64/26", "availability_zone": "us-east-1b"},
+        ],
+    }
+
+
+def _databricks(host: str = "https://adb-1234567890123456.7.azuredatabricks.net", **overrides) -> dict:
+    db = {
+        "account_id": "0d2f1a6e-4b7c-4e2a-9c1d-3f5e6a7b8c9d",
+        "workspace_id": "1234567890123456",
+        "workspace_host": host,
+    }
+    db.update(overrides)
+    return db

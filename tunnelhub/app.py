@@ -1,0 +1,140 @@
+"""The cdktf App: one stack per hub (``<hub>-<cloud>``), each with only the providers it uses.
+
+Provider packages cost seconds to import (aws ≈ 20 s, azurerm ≈ 15 s, databricks ≈ 3 s), so
+they are imported inside the functions that configure a stack of that cloud, never at module
+top: a spec with only Azure hubs never loads the AWS bindings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cdktf import (
+    App,
+    CloudBackend,
+    LocalBackend,
+    NamedCloudWorkspace,
+    TerraformOutput,
+    TerraformProvider,
+    TerraformStack,
+)
+from constructs import Construct
+
+from tunnelhub import spec as S
+
+DATABRICKS_ACCOUNT_ALIAS = "account"
+DATABRICKS_WORKSPACE_ALIAS = "workspace"
+
+
+class HubStack(TerraformStack):
+    """One hub's Terraform stack: backend, providers, the hub's constructs and its outputs.
+
+    Attributes set for the constructs (constructs never create providers themselves):
+    ``hub`` (the resolved spec), ``cloud_provider`` (azurerm or aws), ``tls_provider``, and, when
+    the hub has a ``databricks`` section, ``databricks_account`` / ``databricks_workspace``.
+    """
+
+    def __init__(self, scope: Construct, hub: S.Hub):
+        super().__init__(scope, hub.stack_name)
+        self.hub = hub
+        self.databricks_account: TerraformProvider | None = None
+        self.databricks_workspace: TerraformProvider | None = None
+        _configure_backend(self, hub)
+        if hub.cloud == "azure":
+            self.cloud_provider = _azure_provider(self, hub)
+        else:
+            self.cloud_provider = _aws_provider(self, hub)
+        self.tls_provider = _tls_provider(self)
+        if hub.databricks is not None:
+            self.databricks_account, self.databricks_workspace = _databricks_providers(self, hub)
+        _add_hub_constructs(self, hub)
+        TerraformOutput(
+            self,
+            "port_plan",
+            value=[{k: v for k, v in row.items() if v is not None} for row in hub.port_plan()],
+            description="Routes of this hub: frontend port, tunnel port, target, domain, probe.",
+        )
+
+
+def _configure_backend(stack: TerraformStack, hub: S.Hub) -> None:
+    backend = hub.backend
+    if isinstance(backend, S.CloudBackend):
+        CloudBackend(
+            stack,
+            hostname=backend.hostname,
+            organization=backend.organization,
+            workspaces=NamedCloudWorkspace(backend.workspace, backend.project),
+        )
+    else:
+        LocalBackend(stack, path=backend.path if backend.path is not None else f"terraform.{hub.stack_name}.tfstate")
+
+
+def _azure_provider(stack: TerraformStack, hub: S.Hub) -> TerraformProvider:
+    from cdktf_cdktf_provider_azurerm.provider import AzurermProvider, AzurermProviderFeatures
+
+    settings = hub.azure or S.AzureSettings()
+    return AzurermProvider(
+        stack,
+        "azurerm",
+        features=[AzurermProviderFeatures()],
+        subscription_id=settings.subscription_id,
+    )
+
+
+def _aws_provider(stack: TerraformStack, hub: S.Hub) -> TerraformProvider:
+    from cdktf_cdktf_provider_aws.provider import AwsProvider, AwsProviderDefaultTags
+
+    tags = {"tunnelhub:hub": hub.name, **hub.tags}
+    return AwsProvider(stack, "aws", region=hub.region, default_tags=[AwsProviderDefaultTags(tags=tags)])
+
+
+def _tls_provider(stack: TerraformStack) -> TerraformProvider:
+    from cdktf_cdktf_provider_tls.provider import TlsProvider
+
+    return TlsProvider(stack, "tls")
+
+
+def _databricks_providers(stack: TerraformStack, hub: S.Hub) -> tuple[TerraformProvider, TerraformProvider]:
+    """Account- and workspace-level providers; credentials come from the environment only."""
+    from cdktf_cdktf_provider_databricks.provider import DatabricksProvider
+
+    assert hub.databricks is not None
+    account = DatabricksProvider(
+        stack,
+        "databricks_account",
+        alias=DATABRICKS_ACCOUNT_ALIAS,
+        host=S.DATABRICKS_ACCOUNT_HOST[hub.cloud],
+        account_id=hub.databricks.account_id,
+    )
+    workspace = DatabricksProvider(
+        stack,
+        "databricks_workspace",
+        alias=DATABRICKS_WORKSPACE_ALIAS,
+        host=hub.databricks.workspace_host,
+    )
+    return account, workspace
+
+
+def _add_hub_constructs(stack: HubStack, hub: S.Hub) -> None:
+    """The hub's cloud resources and its Databricks wiring (filled in by the hub constructs)."""
+
+
+def new_app(**app_kwargs: Any) -> App:
+    """A cdktf App with deterministic output (no stack traces in the JSON metadata)."""
+    return App(stack_traces=False, **app_kwargs)
+
+
+def build_app(spec: S.SpecFile, *, hubs: list[str] | None = None, **app_kwargs: Any) -> App:
+    """An App holding one :class:`HubStack` per selected hub (all hubs when ``hubs`` is None)."""
+    app = new_app(**app_kwargs)
+    for hub in select_hubs(spec, hubs):
+        HubStack(app, hub)
+    return app
+
+
+def select_hubs(spec: S.SpecFile, names: list[str] | None) -> list[S.Hub]:
+    """The hubs to synthesize, in spec order; an unknown name is a :class:`~tunnelhub.spec.SpecError`."""
+    if not names:
+        return list(spec.hubs)
+    wanted = {spec.hub(n).name for n in names}  # spec.hub raises SpecError for an unknown name
+    return [h for h in spec.hubs if h.name in wanted]

@@ -1,0 +1,128 @@
+"""The ``tunnelhub`` command: thin click commands over the library functions.
+
+User errors (a bad spec, a missing file) print one clear message and exit 1; bad arguments exit 2;
+neither prints a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tunnelhub import __version__
+from tunnelhub import spec as S
+
+EXAMPLE_SPEC = Path(__file__).resolve().parent.parent / "examples" / "hubs.yaml"
+
+
+def default_spec_path() -> Path:
+    """``$TUNNELHUB_SPEC``, else the embedded example spec."""
+    env = os.environ.get("TUNNELHUB_SPEC")
+    return Path(env) if env else EXAMPLE_SPEC
+
+
+def load(spec_path: Path | None) -> S.SpecFile:
+    """Load a spec for a command; a bad spec becomes one clear message (exit 1)."""
+    try:
+        return S.load_spec(spec_path if spec_path is not None else default_spec_path())
+    except S.SpecError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def progress(message: str) -> None:
+    click.echo(f"tunnelhub: {message}", err=True)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+spec_argument = click.argument(
+    "spec", required=False, type=click.Path(path_type=Path, dir_okay=False), metavar="[SPEC]"
+)
+required_spec_argument = click.argument("spec", type=click.Path(path_type=Path, dir_okay=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tunnelhub")
+def main() -> None:
+    """Generate reverse-SSH proxy hubs for Databricks from one hub spec.
+
+    SPEC defaults to $TUNNELHUB_SPEC, else the example spec (examples/hubs.yaml).
+    """
+
+
+@main.command()
+@spec_argument
+def validate(spec: Path | None) -> None:
+    """Check a spec: exit 0 when valid (warnings printed), 1 with every problem otherwise."""
+    path = spec if spec is not None else default_spec_path()
+    try:
+        report = S.validate_spec(path)
+    except S.SpecError as exc:
+        raise click.ClickException(str(exc)) from None
+    for w in report.warnings:
+        click.echo(w.render(report.source), err=True)
+    hubs = report.spec.hubs
+    click.echo(f"{path}: valid, {len(hubs)} hub{'s' if len(hubs) != 1 else ''}")
+    for h in hubs:
+        unit = "slots" if h.cloud == "aws" else "proxies"
+        click.echo(
+            f"  {h.name}: {h.cloud} {h.region}, {h.proxies.count} {unit}, "
+            f"{len(h.routes)} route{'s' if len(h.routes) != 1 else ''} -> stack {h.stack_name}"
+        )
+
+
+@main.command()
+@spec_argument
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def ports(spec: Path | None, as_json: bool) -> None:
+    """The port plan: per hub and route, frontend port, tunnel port, target, domain, probe."""
+    loaded = load(spec)
+    rows = [row for hub in loaded.hubs for row in hub.port_plan()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    print_table(rows, ["hub", "route", "kind", "port", "tunnel_port", "target", "domain", "probe"])
+
+
+@main.command()
+@spec_argument
+@click.option("--hub", "hubs", multiple=True, metavar="NAME", help="Only this hub (repeatable).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("cdktf.out"),
+    show_default=True,
+    help="cdktf output directory.",
+)
+def synth(spec: Path | None, hubs: tuple[str, ...], out: Path) -> None:
+    """Synthesize the hub stacks (Terraform JSON) into OUT."""
+    from tunnelhub.synth import synthesize
+
+    loaded = load(spec)
+    try:
+        results = synthesize(loaded, out, hubs=list(hubs) or None, progress=progress)
+    except S.SpecError as exc:
+        raise click.ClickException(str(exc)) from None
+    print_table(
+        [
+            {"stack": r.name, "resources": r.resources, "seconds": f"{r.seconds:.1f}", "directory": r.directory}
+            for r in results
+        ],
+        ["stack", "resources", "seconds", "directory"],
+    )
+    click.echo(f"manifest: {Path(out).resolve() / 'manifest.json'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1245 @@
+"""The hub spec: one YAML file, validated at load time, that drives every generated artifact.
+
+``load_spec(path)`` returns a resolved :class:`SpecFile` (every derivable default filled in:
+tunnel ports, route domains, probe modes) or raises :class:`SpecError`, whose message names the
+file and line, the hub, the field path, the bad value and what is allowed. ``validate_spec``
+also returns the warnings (things that work but are probably not what the user wants).
+
+Structure and field-level rules live in the pydantic models (``extra="forbid"`` everywhere);
+rules that relate fields to each other live in :func:`_check_hub` / :func:`_check_spec`, which
+collect every problem instead of stopping at the first one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import re
+import struct
+import types
+import typing
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from tunnelhub import addressing
+from tunnelhub.regions import REGIONS, cloud_of_region
+
+# --------------------------------------------------------------------------------------------
+# Constants shared by every consumer of the spec
+# --------------------------------------------------------------------------------------------
+
+SSH_PORT = 22
+DEFAULT_HEALTH_PORT = 8080
+DEFAULT_DOMAIN_ROOT = "tunnelhub.internal"
+TUNNEL_PORT_OFFSET = 10000  # preferred derived tunnel port: frontend port + 10000
+TUNNEL_PORT_FALLBACK_START = 20000
+DATABASE_TYPES = ("mysql", "postgresql", "sqlserver", "oracle")
+DEFAULT_PROXY_SIZE = {"azure": "Standard_D2s_v5", "aws": "t3.small"}
+DEFAULT_AZURE_ZONES = ("1", "2", "3")
+DEFAULT_AWS_ZONE_COUNT = 2
+DATABRICKS_ACCOUNT_HOST = {
+    "azure": "https://accounts.azuredatabricks.net",
+    "aws": "https://accounts.cloud.databricks.com",
+}
+WORKSPACE_HOST_SUFFIX = {"azure": ".azuredatabricks.net", "aws": ".cloud.databricks.com"}
+DEFAULT_EGRESS = {"azure": "nat_gateway", "aws": "slot_eip"}
+ALLOWED_EGRESS = {"azure": ("nat_gateway", "none"), "aws": ("slot_eip", "nat_gateway")}
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
+_LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_TF_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_UC_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NCC_NAME_RE = re.compile(r"^[0-9a-zA-Z_-]{3,30}$")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_LINUX_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_RESERVED_USERS = frozenset({"root", "daemon", "bin", "sys", "sync", "nobody", "sshd", "admin", "ubuntu"})
+_SECRET_KEY_RE = re.compile(r"(pass(word|wd)?|secret|token|credential)s?$", re.IGNORECASE)
+_SSH_KEY_TYPES = frozenset(
+    {
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    }
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Field types
+# --------------------------------------------------------------------------------------------
+
+
+def _err(kind: str, message: str, **ctx: Any) -> PydanticCustomError:
+    return PydanticCustomError(kind, message, ctx or None)
+
+
+def _check_name(value: str, what: str, max_len: int) -> str:
+    if not (2 <= len(value) <= max_len) or not _NAME_RE.match(value) or "--" in value:
+        raise _err(
+            "name",
+            "{what} must be 2-{max_len} characters of lowercase letters, digits and single hyphens, "
+            "starting with a letter and not ending with a hyphen",
+            what=what,
+            max_len=max_len,
+        )
+    return value
+
+
+def _hub_name(value: str) -> str:
+    return _check_name(value, "a hub name", 16)
+
+
+def _route_name(value: str) -> str:
+    return _check_name(value, "a route name", 32)
+
+
+def is_valid_domain(value: str, *, wildcard: bool = False) -> bool:
+    """An FQDN of at least two labels (RFC 1123), optionally with a leading ``*.``."""
+    name = value[2:] if wildcard and value.startswith("*.") else value
+    if not name or len(name) > 253 or name.endswith("."):
+        return False
+    labels = name.split(".")
+    if len(labels) < 2 or labels[-1].isdigit():
+        return False
+    return all(_LABEL_RE.match(label) for label in labels)
+
+
+def _domain(value: str) -> str:
+    value = value.lower()
+    if not is_valid_domain(value):
+        raise _err(
+            "domain",
+            "not a valid domain name: use a fully qualified name of at least two labels, each "
+            "1-63 letters, digits or hyphens (for example orders.db.example.internal)",
+        )
+    return value
+
+
+def _wildcard_domain(value: str) -> str:
+    value = value.lower()
+    if not is_valid_domain(value, wildcard=True):
+        raise _err(
+            "domain",
+            "not a valid destination domain: use a fully qualified name such as pypi.org, "
+            "optionally with a leading '*.' wildcard",
+        )
+    return value
+
+
+def _port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise _err("port", "ports must be in 1-65535")
+    return value
+
+
+def _ipv4_network(value: Any) -> IPv4Network:
+    if isinstance(value, IPv4Network):
+        return value
+    if not isinstance(value, str):
+        raise _err("cidr", "expected an IPv4 CIDR string such as 10.60.0.0/24")
+    try:
+        net = ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise _err("cidr", "not a valid IPv4 CIDR: write it like 10.60.0.0/24") from None
+    if net.version != 4:
+        raise _err("cidr", "only IPv4 CIDRs are supported")
+    if str(net) != value.strip() and "/" in value:
+        raise _err("cidr", "host bits are set: did you mean {fixed}?", fixed=str(net))
+    if "/" not in value:
+        raise _err("cidr", "a CIDR needs a prefix length: write {fixed}/32 for a single address", fixed=value)
+    return net
+
+
+def _ssh_public_key(value: str) -> str:
+    value = " ".join(value.split())
+    if "PRIVATE KEY" in value:
+        raise _err("ssh_key", "this is a private key: paste the public key (the .pub file) instead")
+    parts = value.split(" ")
+    if len(parts) < 2:
+        raise _err("ssh_key", "not an OpenSSH public key: expected '<type> <base64> [comment]'")
+    key_type, blob_b64 = parts[0], parts[1]
+    if key_type not in _SSH_KEY_TYPES:
+        if "=" in key_type or "," in key_type:
+            raise _err(
+                "ssh_key",
+                "authorized_keys options are not allowed here (tunnelhub generates them): give only "
+                "'<type> <base64> [comment]'",
+            )
+        raise _err(
+            "ssh_key",
+            "unsupported SSH key type {key_type}: use one of {allowed}",
+            key_type=key_type,
+            allowed=", ".join(sorted(_SSH_KEY_TYPES)),
+        )
+    try:
+        blob = base64.b64decode(blob_b64, validate=True)
+        (inner_len,) = struct.unpack(">I", blob[:4])
+        inner_type = blob[4 : 4 + inner_len].decode()
+    except (binascii.Error, struct.error, UnicodeDecodeError, ValueError):
+        raise _err("ssh_key", "the key's base64 body is damaged: copy the whole .pub line again") from None
+    if inner_type != key_type:
+        raise _err(
+            "ssh_key",
+            "the key says {key_type} but its body holds a {inner_type} key: copy the .pub line again",
+            key_type=key_type,
+            inner_type=inner_type,
+        )
+    if key_type == "ssh-rsa":
+        bits = _rsa_bits(blob)
+        if bits < 3072:
+            raise _err(
+                "ssh_key",
+                "RSA keys must have at least 3072 bits (this one has {bits}); ed25519 is recommended",
+                bits=bits,
+            )
+    return value
+
+
+def _rsa_bits(blob: bytes) -> int:
+    offset = 0
+    fields = []
+    for _ in range(3):
+        (length,) = struct.unpack(">I", blob[offset : offset + 4])
+        fields.append(blob[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    modulus = fields[2].lstrip(b"\x00")
+    return len(modulus) * 8 - (8 - modulus[0].bit_length()) if modulus else 0
+
+
+def _tf_var(value: str) -> str:
+    if not _TF_VAR_RE.match(value):
+        raise _err(
+            "tf_var",
+            "must be a Terraform variable name (letters, digits, '_' or '-', not starting with a "
+            "digit); the value itself is set outside the spec as a sensitive variable",
+        )
+    return value
+
+
+def _uuid(value: str) -> str:
+    value = value.lower()
+    if not _UUID_RE.match(value):
+        raise _err("uuid", "must be a UUID such as 01234567-89ab-cdef-0123-456789abcdef")
+    return value
+
+
+def _azure_resource_id(value: str) -> str:
+    if not re.match(r"^/subscriptions/[0-9a-fA-F-]{36}/resourceGroups/[^/]+/providers/.+/.+$", value):
+        raise _err(
+            "azure_id",
+            "must be an Azure resource id like /subscriptions/<uuid>/resourceGroups/<rg>/providers/"
+            "Microsoft.Network/virtualNetworks/<name>",
+        )
+    return value
+
+
+def _prefixed_id(prefix: str) -> Any:
+    def check(value: str) -> str:
+        if not re.match(rf"^{prefix}-[0-9a-f]{{8,17}}$", value):
+            raise _err("aws_id", "must be an AWS id like {prefix}-0123456789abcdef0", prefix=prefix)
+        return value
+
+    return check
+
+
+def _linux_user(v: str) -> str:
+    if not _LINUX_USER_RE.match(v) or v in _RESERVED_USERS:
+        raise _err("user", "must be a Linux user name (lowercase, up to 32 characters) other than "
+                   "root, admin, ubuntu and the system accounts")
+    return v
+
+
+def _aws_account(v: str) -> str:
+    if not re.match(r"^\d{12}$", v):
+        raise _err("aws_account", "must be a 12-digit AWS account id")
+    return v
+
+
+def _uc_name(v: str) -> str:
+    if not _UC_NAME_RE.match(v):
+        raise _err("uc_name", "must be a Unity Catalog name: letters, digits and underscores")
+    return v
+
+
+def _workspace_id(v: str) -> str:
+    if not re.match(r"^\d{6,20}$", v):
+        raise _err("workspace_id", "must be the numeric workspace id (the digits after adb- in an Azure "
+                   "workspace URL, or from the account console)")
+    return v
+
+
+def _workspace_url(v: str) -> str:
+    m = re.match(r"^https://([a-z0-9.-]+)/?$", v)
+    if not m or not is_valid_domain(m[1]):
+        raise _err("url", "must be the workspace URL, like https://adb-1234567890123456.7.azuredatabricks.net")
+    return v.rstrip("/")
+
+
+def _ncc_name(v: str) -> str:
+    if not _NCC_NAME_RE.match(v):
+        raise _err("ncc_name", "Databricks NCC names are 3-30 letters, digits, '-' or '_'")
+    return v
+
+
+HubName = Annotated[str, AfterValidator(_hub_name)]
+RouteName = Annotated[str, AfterValidator(_route_name)]
+Port = Annotated[int, AfterValidator(_port)]
+DomainName = Annotated[str, AfterValidator(_domain)]
+DestinationDomain = Annotated[str, AfterValidator(_wildcard_domain)]
+Cidr = Annotated[IPv4Network, BeforeValidator(_ipv4_network)]
+SshPublicKey = Annotated[str, AfterValidator(_ssh_public_key)]
+TfVarName = Annotated[str, AfterValidator(_tf_var)]
+Uuid = Annotated[str, AfterValidator(_uuid)]
+AzureResourceId = Annotated[str, AfterValidator(_azure_resource_id)]
+SubnetId = Annotated[str, AfterValidator(_prefixed_id("subnet"))]
+VpcId = Annotated[str, AfterValidator(_prefixed_id("vpc"))]
+LinuxUser = Annotated[str, AfterValidator(_linux_user)]
+AwsAccountId = Annotated[str, AfterValidator(_aws_account)]
+UcName = Annotated[str, AfterValidator(_uc_name)]
+WorkspaceId = Annotated[str, AfterValidator(_workspace_id)]
+WorkspaceUrl = Annotated[str, AfterValidator(_workspace_url)]
+NccName = Annotated[str, AfterValidator(_ncc_name)]
+Cloud = Literal["azure", "aws"]
+DatabaseType = Literal["mysql", "postgresql", "sqlserver", "oracle"]
+ProbeMode = Literal["auto", "mysql", "postgresql", "sqlserver", "oracle", "tls", "banner", "connect"]
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class Probe(_Model):
+    """How a proxy judges whether a route can carry traffic (its answer to the LB probe)."""
+
+    mode: ProbeMode = "auto"
+    """auto: by the route's database type (mysql, postgresql, sqlserver, oracle); otherwise tls
+    for a target on port 443 and connect for anything else."""
+    interval_s: float = Field(2.0, ge=0.5, le=60)
+    """How often each proxy checks the target (the LB's probes read the cached result)."""
+    timeout_s: float = Field(2.0, ge=0.2, le=30)
+    """Bound on one check, connect included: a hanging tunnel fails after this."""
+    check_user: str = "tunnelhub_check"
+    """mysql: the password-less, privilege-less user the check logs in as (then quits cleanly)."""
+    server_name: str | None = None
+    """tls: the SNI name sent (default: the target host)."""
+
+
+class Route(_Model):
+    """One thing Databricks connects to, on one frontend port of the hub."""
+
+    name: RouteName
+    kind: Literal["tunnel", "forward"]
+    port: Port
+    """Frontend port: on the load balancer and on every proxy NIC."""
+    target: str
+    """host:port. tunnel: resolved on the tunnel host; forward: resolved by the proxy at connect time."""
+    tunnel_port: int | None = None
+    """tunnel routes: the loopback port the on-prem ssh -R holds on each proxy (default: port + 10000
+    when free and valid, else the first free port from 20000)."""
+    type: DatabaseType | None = None
+    """Database type, for the probe and the Unity Catalog connection."""
+    domain: DomainName | None = None
+    """The name Databricks uses (default: <route>.<hub>.tunnelhub.internal for tunnel routes, the
+    target host for forward routes)."""
+    probe: Probe = Probe()
+    max_connections: int = Field(1000, ge=1, le=100000)
+    """Connections the proxy's data plane accepts on this route at once."""
+    idle_timeout_min: int = Field(30, ge=4, le=100)
+    """Idle TCP timeout on the load balancer and the proxy data plane (Azure LB allows 4-100)."""
+
+    @field_validator("tunnel_port")
+    @classmethod
+    def _check_tunnel_port(cls, v: int | None) -> int | None:
+        if v is not None and not 1024 < v <= 65535:
+            raise _err("tunnel_port", "tunnel ports must be above 1024 (and at most 65535)")
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, v: str) -> str:
+        parse_target(v)
+        return v
+
+    @property
+    def target_host(self) -> str:
+        return parse_target(self.target)[0]
+
+    @property
+    def target_port(self) -> int:
+        return parse_target(self.target)[1]
+
+    @property
+    def probe_mode(self) -> str:
+        """The probe mode in effect (``auto`` resolved)."""
+        if self.probe.mode != "auto":
+            return self.probe.mode
+        if self.type is not None:
+            return self.type
+        return "tls" if self.target_port == 443 else "connect"
+
+    @property
+    def health_path(self) -> str:
+        return f"/routes/{self.name}"
+
+    @property
+    def connection_name(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def parse_target(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6 literals); raise a field error when invalid."""
+    m = re.match(r"^\[(?P<v6>[0-9a-fA-F:.]+)\]:(?P<port>\d+)$", value) or re.match(
+        r"^(?P<host>[^:\s\[\]]+):(?P<port>\d+)$", value
+    )
+    if not m:
+        raise _err("target", "must be host:port, for example db1.corp.example:3306 or 10.1.2.3:5432")
+    port = int(m["port"])
+    if not 1 <= port <= 65535:
+        raise _err("target", "the target port must be in 1-65535")
+    host = m.groupdict().get("v6") or m["host"]
+    try:
+        ip_address(host)
+    except ValueError:
+        if not is_valid_domain(host.lower()) and not _LABEL_RE.match(host.lower()):
+            raise _err("target", "the target host is neither an IP address nor a valid host name") from None
+    return host, port
+
+
+class AzureExistingNetwork(_Model):
+    """Use an existing VNet instead of creating one (Azure hubs)."""
+
+    vnet_id: AzureResourceId
+    proxy_subnet_id: AzureResourceId
+    proxy_subnet_cidr: Cidr
+    """The proxy subnet's CIDR, to compute the static addresses."""
+    pls_nat_subnet_id: AzureResourceId
+    """A subnet with private_link_service_network_policies_enabled = false."""
+
+
+class AwsSubnet(_Model):
+    id: SubnetId
+    cidr: Cidr
+    availability_zone: str
+
+
+class AwsExistingNetwork(_Model):
+    """Use an existing VPC instead of creating one (AWS hubs)."""
+
+    vpc_id: VpcId
+    vpc_cidr: Cidr
+    proxy_subnets: list[AwsSubnet] = Field(min_length=2)
+    """Public subnets (route to an internet gateway), one per zone, for the proxies."""
+    nlb_subnets: list[AwsSubnet] = Field(min_length=2)
+    """Private subnets, one per zone, for the internal NLB."""
+
+
+class Network(_Model):
+    """The hub network: a new VNet/VPC from ``cidr``, or an existing one."""
+
+    cidr: Cidr | None = None
+    existing_vnet: AzureExistingNetwork | None = None
+    existing_vpc: AwsExistingNetwork | None = None
+    egress: Literal["nat_gateway", "slot_eip", "none"] | None = None
+    """How proxies reach the internet (packages at boot, forward routes). Azure: nat_gateway
+    (default) or none (you bring a firewall/UDR). AWS: slot_eip (default: each proxy egresses from
+    its slot's Elastic IP) or nat_gateway."""
+    availability_zones: list[str] | None = None
+    """Azure: zone numbers (default 1, 2, 3; [] for a region without zones). AWS: zone names
+    (default: the first two zones the region reports)."""
+
+
+class Proxies(_Model):
+    """The proxy VMs (Azure) or Auto Scaling slots (AWS)."""
+
+    count: int = Field(2, ge=1, le=16)
+    size: str | None = None
+    """VM size / instance type (default: Standard_D2s_v5 on Azure, t3.small on AWS)."""
+    image: Literal["ubuntu-24.04"] = "ubuntu-24.04"
+    health_port: Port = DEFAULT_HEALTH_PORT
+    probe_interval_s: int = Field(5, ge=5, le=300)
+    """Load balancer probe interval."""
+    probe_threshold: int = Field(2, ge=1, le=10)
+    """Consecutive failed probes before the LB takes a proxy out of a route."""
+    admin_username: LinuxUser = "tunnelhub"
+    admin_ssh_public_keys: list[SshPublicKey] = []
+    """Break-glass admin access. Azure needs one key for the VM: when empty, the stack generates one
+    and keeps its private half in the hub Key Vault."""
+
+
+class OnPrem(_Model):
+    """The on-prem tunnel host side."""
+
+    source_cidrs: list[Cidr] = Field(min_length=1)
+    """Where the tunnel host's SSH connections come from (the only sources allowed on port 22)."""
+    tunnel_public_keys: list[SshPublicKey] = []
+    """Public keys of the tunnel hosts (printed by the on-prem package's postinst)."""
+    tunnel_user: LinuxUser = "tunnel"
+    private_circuit: bool | None = None
+    """The tunnel host reaches the proxies' private addresses (ExpressRoute, VPN, Direct Connect).
+    Azure: always (the proxies have no public address). AWS default: false (it dials the slots'
+    Elastic IPs)."""
+
+
+class ClassicCompute(_Model):
+    """The Databricks classic compute network to peer the hub with."""
+
+    network_id: str
+    """Azure: the workspace VNet's resource id. AWS: the workspace VPC id."""
+    cidrs: list[Cidr] = Field(min_length=1)
+    """Its address ranges (allowed to reach the route ports)."""
+    aws_account_id: AwsAccountId | None = None
+    """AWS: the VPC owner's account (default: the hub's account)."""
+    aws_route_table_ids: list[str] = []
+    """AWS: route tables of the workspace VPC that get a route to the hub."""
+    remote_peering_enabled: bool = True
+    """Create the workspace-side half of the peering too (needs rights on that network)."""
+
+
+class NetworkPolicy(_Model):
+    """A Databricks account network policy restricting serverless egress."""
+
+    name: str | None = None
+    """Default: <hub>-egress."""
+    mode: Literal["enforced", "dry_run"] = "enforced"
+    allowed_domains: list[DestinationDomain] = []
+    """Extra internet destinations (the forward routes' domains are always allowed)."""
+
+
+class ForeignCatalog(_Model):
+    name: UcName
+    database: str
+    """The remote database (mysql/postgresql/sqlserver) or service name (oracle)."""
+
+
+class Connection(_Model):
+    """A Unity Catalog connection to one database route."""
+
+    route: str
+    name: UcName | None = None
+    """Default: the route name with '-' turned into '_'."""
+    user: str | None = None
+    """A literal user name, or give user_var."""
+    user_var: TfVarName | None = None
+    password_var: TfVarName
+    """Name of the sensitive Terraform variable holding the password (never the password)."""
+    foreign_catalog: ForeignCatalog | None = None
+
+
+class Databricks(_Model):
+    """Databricks wiring: NCC, private endpoint rule, binding, policy, DNS, connections."""
+
+    account_id: Uuid
+    workspace_id: WorkspaceId
+    workspace_host: WorkspaceUrl
+    serverless_enabled: bool = True
+    """Create the NCC, its private endpoint rule to the hub and the approval."""
+    ncc_name: NccName | None = None
+    """Default: <hub>-ncc. 3-30 letters, digits, '-' or '_'."""
+    classic: ClassicCompute | None = None
+    network_policy: NetworkPolicy | None = None
+    connections: list[Connection] = []
+
+
+class LocalBackend(_Model):
+    type: Literal["local"] = "local"
+    path: str | None = None
+    """State file path (default: terraform.<stack>.tfstate in the stack's directory)."""
+
+
+class CloudBackend(_Model):
+    type: Literal["cloud"]
+    organization: str
+    workspace: str
+    hostname: str = "app.terraform.io"
+    project: str | None = None
+
+
+Backend = Annotated[Union[LocalBackend, CloudBackend], Field(discriminator="type")]
+
+
+class AzureSettings(_Model):
+    """Azure-only settings."""
+
+    subscription_id: Uuid | None = None
+    """Default: from the environment (ARM_SUBSCRIPTION_ID)."""
+    resource_group: str | None = None
+    """Created by the stack (default: <hub>-rg)."""
+    pls_visibility_subscription_ids: list[Uuid] = []
+    pls_auto_approval_subscription_ids: list[Uuid] = []
+
+
+class AwsSettings(_Model):
+    """AWS-only settings."""
+
+    key_pair_name: str | None = None
+    """An EC2 key pair for break-glass access (default: none; admin keys go through cloud-init)."""
+    endpoint_allowed_principals: list[str] | None = None
+    """Default: the Databricks serverless role of the hub's region."""
+
+
+class Hub(_Model):
+    """One proxy hub: one cloud stack with its Databricks wiring."""
+
+    name: HubName
+    cloud: Cloud
+    region: str
+    network: Network
+    proxies: Proxies = Proxies()
+    routes: list[Route] = Field(min_length=1)
+    onprem: OnPrem
+    databricks: Databricks | None = None
+    backend: Backend = LocalBackend()
+    domain_suffix: DomainName | None = None
+    """Suffix of the derived route domains (default: <hub>.tunnelhub.internal)."""
+    azure: AzureSettings | None = None
+    aws: AwsSettings | None = None
+    tags: dict[str, str] = {}
+
+    # -- derived values -----------------------------------------------------------------------
+
+    @property
+    def stack_name(self) -> str:
+        return f"{self.name}-{self.cloud}"
+
+    @property
+    def proxy_size(self) -> str:
+        return self.proxies.size if self.proxies.size is not None else DEFAULT_PROXY_SIZE[self.cloud]
+
+    @property
+    def egress(self) -> str:
+        return self.network.egress if self.network.egress is not None else DEFAULT_EGRESS[self.cloud]
+
+    @property
+    def private_circuit(self) -> bool:
+        if self.onprem.private_circuit is not None:
+            return self.onprem.private_circuit
+        return self.cloud == "azure"
+
+    @property
+    def zones(self) -> list[str] | None:
+        """Azure zone numbers, or AWS zone names; None for AWS when the region picks them."""
+        if self.network.availability_zones is not None:
+            return list(self.network.availability_zones)
+        return list(DEFAULT_AZURE_ZONES) if self.cloud == "azure" else None
+
+    @property
+    def zone_count(self) -> int:
+        zones = self.zones
+        if zones is None:
+            return DEFAULT_AWS_ZONE_COUNT
+        return max(1, len(zones))
+
+    @property
+    def tunnel_routes(self) -> list[Route]:
+        return [r for r in self.routes if r.kind == "tunnel"]
+
+    @property
+    def forward_routes(self) -> list[Route]:
+        return [r for r in self.routes if r.kind == "forward"]
+
+    @property
+    def ncc_name(self) -> str:
+        if self.databricks is not None and self.databricks.ncc_name is not None:
+            return self.databricks.ncc_name
+        return f"{self.name}-ncc"
+
+    def route(self, name: str) -> Route:
+        for r in self.routes:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def azure_addresses(self) -> addressing.AzureAddressPlan:
+        existing = self.network.existing_vnet
+        return addressing.azure_plan(
+            proxy_count=self.proxies.count,
+            vnet_cidr=self.network.cidr,
+            proxy_subnet=existing.proxy_subnet_cidr if existing else None,
+        )
+
+    def aws_addresses(self) -> addressing.AwsAddressPlan:
+        existing = self.network.existing_vpc
+        return addressing.aws_plan(
+            proxy_count=self.proxies.count,
+            zone_count=self.zone_count,
+            vpc_cidr=self.network.cidr,
+            public_subnets=tuple(s.cidr for s in existing.proxy_subnets) if existing else None,
+        )
+
+    def hub_cidrs(self) -> list[IPv4Network]:
+        """The address ranges the hub occupies (for overlap checks)."""
+        if self.network.cidr is not None:
+            return [self.network.cidr]
+        if self.network.existing_vnet is not None:
+            return [self.network.existing_vnet.proxy_subnet_cidr]
+        if self.network.existing_vpc is not None:
+            return [self.network.existing_vpc.vpc_cidr]
+        return []
+
+    def port_plan(self) -> list[dict[str, Any]]:
+        """One row per route: what listens where (the ``tunnelhub ports`` table)."""
+        return [
+            {
+                "hub": self.name,
+                "route": r.name,
+                "kind": r.kind,
+                "port": r.port,
+                "tunnel_port": r.tunnel_port,
+                "target": r.target,
+                "domain": r.domain,
+                "type": r.type,
+                "probe": r.probe_mode,
+                "health_path": r.health_path,
+            }
+            for r in self.routes
+        ]
+
+
+class SpecFile(_Model):
+    """A spec file: one or more hubs."""
+
+    version: Literal[1] = 1
+    hubs: list[Hub] = Field(min_length=1)
+
+    def hub(self, name: str) -> Hub:
+        for h in self.hubs:
+            if h.name == name:
+                return h
+        raise SpecError(
+            [SpecIssue(path=("hubs",), message=f"no hub named {name!r}; hubs in this spec: "
+                       + ", ".join(h.name for h in self.hubs))],
+            source=None,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+_NO_VALUE = object()
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """One problem (or warning) in a spec, located by its field path."""
+
+    path: tuple[str | int, ...]
+    message: str
+    value: Any = _NO_VALUE
+    hub: str | None = None
+    line: int | None = None
+
+    @property
+    def dotted_path(self) -> str:
+        return format_path(self.path)
+
+    def render(self, source: str | None) -> str:
+        where = source or "<spec>"
+        if self.line is not None:
+            where += f":{self.line}"
+        hub = f' hub "{self.hub}":' if self.hub else ""
+        value = "" if self.value is _NO_VALUE else f" = {_short(self.value)}"
+        return f"{where}:{hub} {self.dotted_path}{value}: {self.message}"
+
+
+class SpecError(Exception):
+    """The spec is invalid; ``issues`` holds every problem found."""
+
+    def __init__(self, issues: list[SpecIssue], source: str | None):
+        self.issues = issues
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        head = f"{self.source or 'the spec'} is invalid ({len(self.issues)} problem{'s' if len(self.issues) != 1 else ''}):"
+        return "\n".join([head, *("  " + i.render(self.source) for i in self.issues)])
+
+
+def format_path(path: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (IPv4Network, IPv4Address)):
+        value = str(value)
+    text = repr(value) if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    if text.endswith("\n..."):
+        text = text[:-4]
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ValidationReport:
+    spec: SpecFile
+    warnings: list[SpecIssue] = field(default_factory=list)
+    source: str | None = None
+
+
+def load_spec(path: str | Path) -> SpecFile:
+    """Load, validate and resolve a spec file; raise :class:`SpecError` when it is invalid."""
+    return validate_spec(path).spec
+
+
+def validate_spec(path: str | Path) -> ValidationReport:
+    """Like :func:`load_spec`, and also return the warnings."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([SpecIssue(("file",), f"spec file {source} does not exist")], source) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([SpecIssue(("file",), f"cannot read spec file {source}: {exc}")], source) from None
+    return validate_text(text, source)
+
+
+def validate_text(text: str, source: str | None = None) -> ValidationReport:
+    """Validate spec YAML text (``source`` names it in messages)."""
+    data, lines = _parse_yaml(text, source)
+    try:
+        spec = SpecFile.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_issues_from_pydantic(exc, data, lines), source) from None
+    issues = _check_spec(spec)
+    errors = [i for i in issues if not i.message.startswith("warning:")]
+    if errors:
+        raise SpecError([_locate(i, lines) for i in errors], source)
+    spec = _resolve(spec)
+    warnings = [_locate(i, lines) for i in issues if i.message.startswith("warning:")]
+    return ValidationReport(spec=spec, warnings=warnings, source=source)
+
+
+def _parse_yaml(text: str, source: str | None) -> tuple[Any, dict[tuple, int]]:
+    """Parse YAML and record the line of every key (for messages); reject duplicate keys."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([SpecIssue(("yaml",), f"not valid YAML: {problem}", line=line)], source) from None
+    if node is None:
+        raise SpecError([SpecIssue(("hubs",), "the spec is empty: it needs a 'hubs:' list")], source)
+    lines: dict[tuple, int] = {}
+    dupes: list[SpecIssue] = []
+
+    def walk(n: yaml.Node, path: tuple) -> None:
+        lines.setdefault(path, n.start_mark.line + 1)
+        if isinstance(n, yaml.MappingNode):
+            seen: set[str] = set()
+            for k, v in n.value:
+                key = k.value
+                if key in seen:
+                    dupes.append(SpecIssue(path + (key,), f"key {key!r} appears twice in the same block; keep one",
+                                           line=k.start_mark.line + 1))
+                seen.add(key)
+                lines[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, path + (i,))
+
+    walk(node, ())
+    if dupes:
+        raise SpecError(dupes, source)
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise SpecError([SpecIssue((), "the spec must be a mapping with a 'hubs:' list", line=1)], source)
+    return data, lines
+
+
+def _locate(issue: SpecIssue, lines: dict[tuple, int]) -> SpecIssue:
+    path = issue.path
+    while path and path not in lines:
+        path = path[:-1]
+    line = lines.get(path)
+    return SpecIssue(issue.path, issue.message, issue.value, issue.hub, line)
+
+
+def _hub_name_at(data: Any, loc: tuple) -> str | None:
+    if len(loc) >= 2 and loc[0] == "hubs" and isinstance(loc[1], int):
+        try:
+            name = data["hubs"][loc[1]].get("name")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return None
+        return name if isinstance(name, str) else None
+    return None
+
+
+def _value_at(data: Any, loc: tuple) -> Any:
+    cur = data
+    for part in loc:
+        try:
+            cur = cur[part]
+        except (KeyError, IndexError, TypeError):
+            return _NO_VALUE
+    return cur
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The model class that holds the last element of ``loc`` (for 'allowed keys' hints)."""
+    current: Any = SpecFile
+    for part in loc[:-1]:
+        current = _unwrap(current)
+        if isinstance(current, list):
+            current = _choose_model(current, part)
+        if current is None:
+            return None
+        if isinstance(part, int):
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+        elif isinstance(current, list):
+            continue
+        else:
+            return None
+    current = _unwrap(current)
+    if isinstance(current, list):
+        current = _choose_model(current, loc[-1] if loc else None)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Optional / list / Annotated until a model (or a list of candidate models) remains."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (list, tuple):
+            tp = typing.get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            models = [a for a in typing.get_args(tp) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if len(models) == 1:
+                tp = models[0]
+            elif models:
+                return models
+            else:
+                return tp
+        else:
+            return tp
+
+
+def _choose_model(models: list, hint: Any) -> Any:
+    for m in models:
+        if isinstance(hint, str) and hint in m.model_fields:
+            return m
+    return models[0] if models else None
+
+
+def _issues_from_pydantic(exc: ValidationError, data: Any, lines: dict[tuple, int]) -> list[SpecIssue]:
+    issues: list[SpecIssue] = []
+    for e in exc.errors(include_url=False):
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("local", "cloud")))
+        kind = e["type"]
+        value: Any = _value_at(data, loc)
+        if kind == "extra_forbidden":
+            key = loc[-1]
+            model = _model_at(loc)
+            allowed = sorted(model.model_fields) if model else []
+            if isinstance(key, str) and _SECRET_KEY_RE.search(key):
+                msg = (
+                    "literal credentials are not allowed in the spec: name a sensitive Terraform "
+                    "variable instead (password_var: my_db_password) and set its value in Terraform "
+                    "Cloud or as TF_VAR_my_db_password"
+                )
+            else:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                msg = f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                if allowed:
+                    msg += "; allowed keys here: " + ", ".join(allowed)
+            issues.append(SpecIssue(loc, msg, _NO_VALUE, _hub_name_at(data, loc)))
+            continue
+        if kind == "missing":
+            msg = f"required key {loc[-1]!r} is missing"
+            value = _NO_VALUE
+        elif kind == "union_tag_invalid" and loc and loc[-1] == "backend":
+            msg = "backend.type must be 'local' or 'cloud'"
+        else:
+            msg = e["msg"]
+        issues.append(SpecIssue(loc, msg, value, _hub_name_at(data, loc)))
+    return [_locate(i, lines) for i in issues]
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-field rules
+# --------------------------------------------------------------------------------------------
+
+
+def _check_spec(spec: SpecFile) -> list[SpecIssue]:
+    issues: list[SpecIssue] = []
+    seen: dict[str, int] = {}
+    workspaces: dict[tuple[str, str, str], int] = {}
+    for i, hub in enumerate(spec.hubs):
+        if hub.name in seen:
+            issues.append(SpecIssue(("hubs", i, "name"), f"hub names must be unique; hubs[{seen[hub.name]}] "
+                                    "already uses this name", hub.name, hub.name))
+        seen.setdefault(hub.name, i)
+        if isinstance(hub.backend, CloudBackend):
+            key = (hub.backend.hostname, hub.backend.organization, hub.backend.workspace)
+            if key in workspaces:
+                issues.append(SpecIssue(("hubs", i, "backend", "workspace"),
+                                        f"hubs[{workspaces[key]}] already keeps its state in this Terraform Cloud "
+                                        "workspace; each hub stack needs its own workspace", hub.backend.workspace, hub.name))
+            workspaces.setdefault(key, i)
+        issues.extend(_check_hub(hub, ("hubs", i)))
+    # Hubs reached from the same on-prem network must not overlap each other.
+    for i, a in enumerate(spec.hubs):
+        for j in range(i):
+            b = spec.hubs[j]
+            for ca in a.hub_cidrs():
+                for cb in b.hub_cidrs():
+                    if ca.overlaps(cb):
+                        issues.append(SpecIssue(("hubs", i, "network", "cidr"),
+                                                f"overlaps hub {b.name!r} ({cb}); the tunnel host routes to every hub "
+                                                "of the spec, so their networks must not overlap", str(ca), a.name))
+    return issues
+
+
+def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule per block, in order
+    out: list[SpecIssue] = []
+
+    def issue(path: tuple, message: str, value: Any = _NO_VALUE) -> None:
+        out.append(SpecIssue(at + path, message, value, hub.name))
+
+    # region and cloud-specific blocks
+    if hub.region not in REGIONS[hub.cloud]:
+        other = cloud_of_region(hub.region)
+        if other:
+            issue(("region",), f"{hub.region!r} is an {other.upper() if other == 'aws' else other.title()} region, "
+                  f"but this hub has cloud: {hub.cloud}; use a region of {hub.cloud}, such as "
+                  f"{'westeurope' if hub.cloud == 'azure' else 'eu-west-1'}", hub.region)
+        else:
+            close = difflib.get_close_matches(hub.region, sorted(REGIONS[hub.cloud]), n=1)
+            issue(("region",), f"not a known {hub.cloud} region" + (f" (did you mean {close[0]!r}?)" if close else "")
+                  + f"; {hub.cloud} regions look like {'westeurope, eastus2' if hub.cloud == 'azure' else 'eu-west-1, us-east-2'}",
+                  hub.region)
+    if hub.cloud == "aws" and hub.azure is not None:
+        issue(("azure",), "an 'azure:' block on an aws hub: move these settings to an azure hub or remove them")
+    if hub.cloud == "azure" and hub.aws is not None:
+        issue(("aws",), "an 'aws:' block on an azure hub: move these settings to an aws hub or remove them")
+
+    # network
+    net = hub.network
+    given = [k for k in ("cidr", "existing_vnet", "existing_vpc") if getattr(net, k) is not None]
+    if len(given) != 1:
+        issue(("network",), "give exactly one of cidr (create a new network), existing_vnet (Azure) or "
+              f"existing_vpc (AWS); given: {', '.join(given) or 'none'}")
+    if hub.cloud == "azure" and net.existing_vpc is not None:
+        issue(("network", "existing_vpc"), "existing_vpc is for AWS hubs; an azure hub takes existing_vnet")
+    if hub.cloud == "aws" and net.existing_vnet is not None:
+        issue(("network", "existing_vnet"), "existing_vnet is for Azure hubs; an aws hub takes existing_vpc")
+    if net.cidr is not None and not net.cidr.is_private:
+        issue(("network", "cidr"), "the hub network must use a private range (RFC 1918 or 100.64.0.0/10)", str(net.cidr))
+    if net.egress is not None and net.egress not in ALLOWED_EGRESS[hub.cloud]:
+        issue(("network", "egress"), f"{hub.cloud} hubs allow egress: " + " or ".join(ALLOWED_EGRESS[hub.cloud]), net.egress)
+    if net.availability_zones is not None:
+        if hub.cloud == "azure":
+            bad = [z for z in net.availability_zones if z not in DEFAULT_AZURE_ZONES]
+            if bad:
+                issue(("network", "availability_zones"), "Azure zones are '1', '2' and '3' ([] for none)", bad)
+        else:
+            if len(net.availability_zones) < 2:
+                issue(("network", "availability_zones"), "an AWS hub needs at least two zones (the NLB and the "
+                      "endpoint service span them)", net.availability_zones)
+            bad = [z for z in net.availability_zones if not z.startswith(hub.region) or len(z) != len(hub.region) + 1]
+            if bad:
+                issue(("network", "availability_zones"), f"AWS zone names are the region plus a letter, like {hub.region}a", bad)
+    if len(given) == 1:
+        try:
+            if hub.cloud == "azure" and net.existing_vpc is None:
+                hub.azure_addresses()
+            elif hub.cloud == "aws" and net.existing_vnet is None:
+                hub.aws_addresses()
+        except addressing.AddressPlanError as exc:
+            issue(("network",), str(exc))
+    if net.existing_vpc is not None:
+        for key in ("proxy_subnets", "nlb_subnets"):
+            for k, sub in enumerate(getattr(net.existing_vpc, key)):
+                if not sub.cidr.subnet_of(net.existing_vpc.vpc_cidr):
+                    issue(("network", "existing_vpc", key, k, "cidr"), f"not inside the VPC CIDR {net.existing_vpc.vpc_cidr}", str(sub.cidr))
+    if net.existing_vnet is not None and not net.existing_vnet.proxy_subnet_id.startswith(net.existing_vnet.vnet_id + "/subnets/"):
+        issue(("network", "existing_vnet", "proxy_subnet_id"), "the proxy subnet must belong to existing_vnet.vnet_id",
+              net.existing_vnet.proxy_subnet_id)
+
+    # proxies
+    px = hub.proxies
+    if px.health_port == SSH_PORT:
+        issue(("proxies", "health_port"), "port 22 is the tunnel SSH port; pick another health port (default 8080)", px.health_port)
+    if hub.cloud == "aws" and px.probe_threshold < 2:
+        issue(("proxies", "probe_threshold"), "AWS NLB health checks need a threshold of 2-10", px.probe_threshold)
+
+    # routes
+    names: dict[str, int] = {}
+    ports: dict[int, int] = {}
+    for k, r in enumerate(hub.routes):
+        rp = ("routes", k)
+        if r.name in names:
+            issue(rp + ("name",), f"route names must be unique in a hub; routes[{names[r.name]}] already uses it", r.name)
+        names.setdefault(r.name, k)
+        if r.port in ports:
+            issue(rp + ("port",), f"frontend ports must be unique in a hub; routes[{ports[r.port]}] "
+                  f"({hub.routes[ports[r.port]].name}) already uses it", r.port)
+        ports.setdefault(r.port, k)
+        if r.port == SSH_PORT:
+            issue(rp + ("port",), "port 22 is reserved for the tunnel SSH connection; pick another frontend port", r.port)
+        if r.port == px.health_port:
+            issue(rp + ("port",), f"port {px.health_port} is the proxies' health port (proxies.health_port); "
+                  "pick another frontend port or move the health port", r.port)
+        if r.kind == "forward" and r.tunnel_port is not None:
+            issue(rp + ("tunnel_port",), "a forward route has no tunnel: remove tunnel_port (only tunnel routes take one)",
+                  r.tunnel_port)
+        if r.probe.mode in DATABASE_TYPES and r.type is not None and r.probe.mode != r.type:
+            issue(rp + ("probe", "mode"), f"the route's type is {r.type}; a {r.probe.mode} probe would fail against it "
+                  f"(use mode: auto or {r.type})", r.probe.mode)
+        if r.probe.timeout_s > r.probe.interval_s * 5:
+            issue(rp + ("probe", "timeout_s"), "the check timeout must not exceed 5 × interval_s", r.probe.timeout_s)
+        if r.kind == "forward":
+            host = r.target_host
+            try:
+                addr = ip_address(host)
+                if addr.is_private or addr.is_loopback:
+                    issue(rp + ("target",), "a forward route reaches a remote service from the proxy; a private or "
+                          "loopback target belongs in a tunnel route", r.target)
+            except ValueError:
+                pass
+    tunnel_ports: dict[int, int] = {}
+    for k, r in enumerate(hub.routes):
+        if r.tunnel_port is None:
+            continue
+        rp = ("routes", k, "tunnel_port")
+        if r.tunnel_port in tunnel_ports:
+            issue(rp, f"tunnel ports must be unique in a hub; routes[{tunnel_ports[r.tunnel_port]}] already uses it", r.tunnel_port)
+        tunnel_ports.setdefault(r.tunnel_port, k)
+        if r.tunnel_port in ports:
+            issue(rp, f"the proxies listen on this port for route {hub.routes[ports[r.tunnel_port]].name!r}; "
+                  "a tunnel port must differ from every frontend port", r.tunnel_port)
+        if r.tunnel_port == px.health_port:
+            issue(rp, "this is the proxies' health port; pick another tunnel port", r.tunnel_port)
+
+    # on-prem
+    op = hub.onprem
+    if hub.cloud == "azure" and op.private_circuit is False:
+        issue(("onprem", "private_circuit"), "Azure proxies have no public address: the tunnel host must reach them "
+              "over ExpressRoute/VPN (private_circuit: true, the default)", False)
+    for k, c in enumerate(op.source_cidrs):
+        for hc in hub.hub_cidrs():
+            if c.overlaps(hc) and hub.private_circuit:
+                issue(("onprem", "source_cidrs", k), f"overlaps the hub network {hc}; the on-prem network and the hub "
+                      "must use distinct ranges to route between them", str(c))
+    if not op.tunnel_public_keys:
+        issue(("onprem", "tunnel_public_keys"), "warning: no tunnel keys yet, so proxies will refuse every tunnel; "
+              "install the on-prem package, then add the key it prints here and deploy again")
+
+    # databricks
+    db = hub.databricks
+    if db is not None:
+        dp = ("databricks",)
+        suffix = WORKSPACE_HOST_SUFFIX[hub.cloud]
+        if not db.workspace_host.endswith(suffix):
+            other = "aws" if hub.cloud == "azure" else "azure"
+            if db.workspace_host.endswith(WORKSPACE_HOST_SUFFIX[other]):
+                issue(dp + ("workspace_host",), f"this is an {other} workspace URL but the hub is on {hub.cloud}; "
+                      f"the NCC and private endpoint must be in the hub's cloud (host ending in {suffix})",
+                      db.workspace_host)
+        if db.classic is not None:
+            cl = db.classic
+            if hub.cloud == "azure":
+                try:
+                    _azure_resource_id(cl.network_id)
+                except PydanticCustomError as exc:
+                    issue(dp + ("classic", "network_id"), "Azure: " + exc.message(), cl.network_id)
+                if cl.aws_account_id or cl.aws_route_table_ids:
+                    issue(dp + ("classic",), "aws_account_id / aws_route_table_ids apply to AWS hubs only")
+            else:
+                if not re.match(r"^vpc-[0-9a-f]{8,17}$", cl.network_id):
+                    issue(dp + ("classic", "network_id"), "AWS: must be the workspace VPC id, like vpc-0123456789abcdef0",
+                          cl.network_id)
+                for k, rt in enumerate(cl.aws_route_table_ids):
+                    if not re.match(r"^rtb-[0-9a-f]{8,17}$", rt):
+                        issue(dp + ("classic", "aws_route_table_ids", k), "must be a route table id like rtb-0123456789abcdef0", rt)
+            for k, c in enumerate(cl.cidrs):
+                for hc in hub.hub_cidrs():
+                    if c.overlaps(hc):
+                        issue(dp + ("classic", "cidrs", k), f"overlaps the hub network {hc}; peered networks must not "
+                              "overlap", str(c))
+        conn_names: dict[str, int] = {}
+        for k, c in enumerate(db.connections):
+            cp = dp + ("connections", k)
+            try:
+                route = hub.route(c.route)
+            except KeyError:
+                issue(cp + ("route",), "no route with this name in the hub; routes: " + ", ".join(r.name for r in hub.routes),
+                      c.route)
+                continue
+            if route.type is None:
+                issue(cp + ("route",), f"route {route.name!r} has no database type; set routes[].type to one of "
+                      + ", ".join(DATABASE_TYPES) + " to create a Unity Catalog connection", c.route)
+            if (c.user is None) == (c.user_var is None):
+                issue(cp, "give exactly one of user (a literal user name) or user_var (a Terraform variable name)")
+            name = c.name or route.connection_name
+            if name in conn_names:
+                issue(cp + ("name",), f"connection names must be unique; connections[{conn_names[name]}] already uses it", name)
+            conn_names.setdefault(name, k)
+        if db.network_policy is not None and not db.serverless_enabled:
+            issue(dp + ("network_policy",), "warning: a network policy restricts serverless egress, but "
+                  "serverless_enabled is false, so serverless compute cannot reach this hub")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Derived defaults
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve(spec: SpecFile) -> SpecFile:
+    return spec.model_copy(update={"hubs": [_resolve_hub(h) for h in spec.hubs]})
+
+
+def _resolve_hub(hub: Hub) -> Hub:
+    suffix = hub.domain_suffix or f"{hub.name}.{DEFAULT_DOMAIN_ROOT}"
+    taken = {r.tunnel_port for r in hub.routes if r.tunnel_port is not None}
+    taken |= {r.port for r in hub.routes} | {SSH_PORT, hub.proxies.health_port}
+    routes = []
+    for r in hub.routes:
+        update: dict[str, Any] = {}
+        if r.kind == "tunnel" and r.tunnel_port is None:
+            port = r.port + TUNNEL_PORT_OFFSET
+            if not (1024 < port <= 65535) or port in taken:
+                port = TUNNEL_PORT_FALLBACK_START
+                while port in taken:
+                    port += 1
+            taken.add(port)
+            update["tunnel_port"] = port
+        if r.domain is None:
+            host = r.target_host
+            if r.kind == "forward" and is_valid_domain(host.lower()):
+                update["domain"] = host.lower()
+            else:
+                update["domain"] = f"{r.name}.{suffix}"
+        routes.append(r.model_copy(update=update) if update else r)
+    return hub.model_copy(update={"routes": routes, "domain_suffix": suffix})

@@ -1,0 +1,166 @@
+"""Synthesize hub stacks into a cdktf output directory without ever leaving it half-written.
+
+The stacks are synthesized into a temporary directory beside the output and swapped into place
+only when every stack succeeded. Files Terraform keeps in a stack's working directory
+(``.terraform/``, the lock file, local state) are carried over into the new output, so a re-synth
+never loses local state. ``--hub`` synthesizes only the named hubs and keeps the other hubs'
+stacks of the previous output (as long as they are still in the spec), with one merged manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunnelhub import spec as S
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class StackResult:
+    """One synthesized stack."""
+
+    name: str
+    hub: str
+    directory: Path
+    resources: int
+    seconds: float
+    reused: bool = False
+
+
+def synthesize(
+    spec: S.SpecFile,
+    out: Path,
+    *,
+    hubs: list[str] | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> list[StackResult]:
+    """Synthesize the selected hubs (all by default) into ``out``; return one result per stack."""
+    from tunnelhub.jsii_env import prepare_jsii_environment
+
+    prepare_jsii_environment()
+    from tunnelhub.app import select_hubs  # imports cdktf (≈1.5 s); keep `validate` fast
+
+    selected = select_hubs(spec, hubs)
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        timings = _synth_in_process(selected, tmp, progress)
+        if hubs:
+            _keep_other_stacks(spec, out, tmp, {h.stack_name for h in selected})
+        _order_manifest(spec, tmp)
+        _swap_into_place(tmp, out, progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [
+        StackResult(
+            name=h.stack_name,
+            hub=h.name,
+            directory=out / "stacks" / h.stack_name,
+            resources=count_resources(out / "stacks" / h.stack_name / "cdk.tf.json"),
+            seconds=timings[h.stack_name],
+        )
+        for h in selected
+    ]
+
+
+def _synth_in_process(hubs: list[S.Hub], outdir: Path, progress: Callable[[str], None]) -> dict[str, float]:
+    from tunnelhub.app import HubStack, new_app
+
+    app = new_app(outdir=str(outdir))
+    timings: dict[str, float] = {}
+    for i, hub in enumerate(hubs, 1):
+        progress(f"[{i}/{len(hubs)}] {hub.stack_name}: building (loads the {hub.cloud} provider bindings)")
+        start = time.monotonic()
+        HubStack(app, hub)
+        timings[hub.stack_name] = time.monotonic() - start
+    progress("writing Terraform JSON")
+    start = time.monotonic()
+    app.synth()
+    for name in timings:
+        timings[name] += (time.monotonic() - start) / max(1, len(timings))
+    return timings
+
+
+def count_resources(stack_json: Path) -> int:
+    """How many resources and data sources a synthesized stack declares."""
+    doc = json.loads(stack_json.read_text())
+    return sum(len(v) for v in doc.get("resource", {}).values()) + sum(len(v) for v in doc.get("data", {}).values())
+
+
+def read_manifest(outdir: Path) -> dict:
+    path = Path(outdir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _keep_other_stacks(spec: S.SpecFile, old: Path, new: Path, synthesized: set[str]) -> None:
+    """Copy the previous output's stacks of hubs that were not re-synthesized (and are still in the spec)."""
+    old_manifest = read_manifest(old)
+    if not old_manifest:
+        return
+    current = {h.stack_name for h in spec.hubs}
+    new_manifest = read_manifest(new)
+    for name, entry in old_manifest.get("stacks", {}).items():
+        if name in synthesized or name not in current:
+            continue
+        src = old / entry["workingDirectory"]
+        if not src.is_dir():
+            continue
+        shutil.copytree(src, new / entry["workingDirectory"], symlinks=True, ignore=_terraform_runtime_files)
+        new_manifest.setdefault("stacks", {})[name] = entry
+    (new / MANIFEST).write_text(json.dumps(new_manifest, indent=2) + "\n")
+
+
+def _order_manifest(spec: S.SpecFile, outdir: Path) -> None:
+    """List the stacks in spec order (the same manifest whichever way they were synthesized)."""
+    manifest = read_manifest(outdir)
+    order = {h.stack_name: i for i, h in enumerate(spec.hubs)}
+    stacks = manifest.get("stacks", {})
+    manifest["stacks"] = {k: stacks[k] for k in sorted(stacks, key=lambda k: order.get(k, len(order)))}
+    (outdir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+_RUNTIME_NAMES = (".terraform", ".terraform.lock.hcl")
+
+
+def _is_runtime_file(name: str) -> bool:
+    """Files Terraform itself keeps in a stack directory (never generated by synthesis)."""
+    return name in _RUNTIME_NAMES or ".tfstate" in name or name.endswith(".tfplan")
+
+
+def _terraform_runtime_files(directory: str, names: list[str]) -> list[str]:
+    return [n for n in names if _is_runtime_file(n)]
+
+
+def _swap_into_place(new: Path, out: Path, progress: Callable[[str], None]) -> None:
+    """Move Terraform's own files from the old output into the new one, then swap directories."""
+    if out.exists():
+        old_stacks = out / "stacks"
+        new_stacks = new / "stacks"
+        for stack_dir in sorted(old_stacks.iterdir()) if old_stacks.is_dir() else []:
+            runtime = [p for p in stack_dir.iterdir() if _is_runtime_file(p.name)]
+            if not runtime:
+                continue
+            target = new_stacks / stack_dir.name
+            if not target.is_dir():
+                if any(".tfstate" in p.name for p in runtime):
+                    progress(f"kept {stack_dir.name}: no longer synthesized, but its directory holds Terraform state")
+                    shutil.copytree(stack_dir, target, symlinks=True)
+                continue
+            for p in runtime:
+                if not (target / p.name).exists():
+                    os.replace(p, target / p.name)
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, trash)
+        os.replace(new, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(new, out)
