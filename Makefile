@@ -33,6 +33,12 @@ $(VENV)/.test-installed: pyproject.toml $(VENV)/.base-installed
 	$(PIP) install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# checkov pins older libraries than the test extras, so it gets a virtualenv of its own.
+$(VENV)-checkov/.installed: requirements-checkov.txt
+	test -x $(VENV)-checkov/bin/python || $(PYTHON) -m venv $(VENV)-checkov
+	$(VENV)-checkov/bin/pip install --quiet --disable-pip-version-check -r requirements-checkov.txt
+	touch $@
+
 venv: $(VENV)/.base-installed
 venv-test: $(VENV)/.test-installed
 
@@ -56,7 +62,7 @@ debs:
 synth: $(VENV)/.base-installed
 	$(VENV)/bin/tunnelhub synth $(SPEC) --out $(OUT)
 
-test: $(VENV)/.test-installed debs
+test: $(VENV)/.test-installed $(VENV)-checkov/.installed debs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.test-installed debs
