@@ -14,6 +14,7 @@ import struct
 import subprocess
 import threading
 from pathlib import Path
+from typing import Self
 
 BEHAVIOURS = ("answer", "close", "hang")
 
@@ -64,7 +65,7 @@ class FakeServer:
         self.port = self._listener.getsockname()[1]
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
 
-    def __enter__(self) -> FakeServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -341,9 +342,8 @@ def test_fake_oracle_answers_a_tnsping_packet_captured_from_a_python_tnsping():
               b"\x7f\x08\x00\x00\x01\x00\x00\x1d\x00:\x00\x00\x00\x00\x00\x00"
               b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x190\x00\x00\x00\x8d"
               b"\x00\x00\x00\x00\x00\x00\x00\x00(CONNECT_DATA=(COMMAND=ping))")
-    with FakeServer("oracle") as server:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
-            sock.sendall(packet)
-            reply = sock.recv(1024)
+    with FakeServer("oracle") as server, socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
+        sock.sendall(packet)
+        reply = sock.recv(1024)
     assert reply[4] == 4 and b"(ERR=0)" in reply
     assert server.events == ["connect:(CONNECT_DATA=(COMMAND=ping))"]

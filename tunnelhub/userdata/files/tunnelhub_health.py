@@ -941,6 +941,7 @@ class HealthHandler(BaseHTTPRequestHandler):
 class HealthHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # socketserver's 5 drops SYNs under a burst of probers (1 s retry)
 
     def __init__(self, address: tuple[str, int], daemon: HealthDaemon):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -1034,8 +1035,10 @@ class HealthDaemon:
             state = (status["healthy"], reason, status["warning"])
             if self._logged.get(name) != state:
                 self._logged[name] = state
-                word = "UP" if state[0] else "DOWN"
-                LOG.warning("route %s %s: %s", name, word, reason)
+                if state[0]:
+                    LOG.info("route %s UP: %s", name, reason)
+                else:
+                    LOG.warning("route %s DOWN: %s", name, reason)
                 if state[2]:
                     LOG.warning("route %s WARNING: %s", name, state[2])
 
