@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 # Debian packages the tests drive for real (sshd, autossh, HAProxy, socat, MariaDB in network
 # namespaces; cloud-init's schema check; lintian and debootstrap for the on-prem package).
-TEST_DEBS := openssh-server openssh-client autossh haproxy socat mariadb-server mariadb-client \
+TEST_DEBS := openssh-server openssh-client autossh haproxy socat mariadb-server mariadb-client postgresql openssl \
              cloud-init lintian debootstrap dpkg-dev iproute2 nftables iptables systemd
 
 .PHONY: synth test bench lab venv venv-test debs clean help
