@@ -41,7 +41,7 @@ def synth_spec(tmp_path_factory):
         if key not in cache:
             spec = validate_text(text, "test.yaml").spec if text is not None else load_spec(spec_path)
             out = tmp_path_factory.mktemp("synth") / "cdktf.out"
-            synthesize(spec, out)
+            synthesize(spec, out, jobs=1)  # in-process: provider bindings load once per session
             manifest = json.loads((out / "manifest.json").read_text())
             stacks = {
                 name: json.loads((out / entry["synthesizedStackPath"]).read_text())

@@ -127,14 +127,6 @@ def new_app(**app_kwargs: Any) -> App:
 def build_app(spec: S.SpecFile, *, hubs: list[str] | None = None, **app_kwargs: Any) -> App:
     """An App holding one :class:`HubStack` per selected hub (all hubs when ``hubs`` is None)."""
     app = new_app(**app_kwargs)
-    for hub in select_hubs(spec, hubs):
+    for hub in spec.select(hubs):
         HubStack(app, hub)
     return app
-
-
-def select_hubs(spec: S.SpecFile, names: list[str] | None) -> list[S.Hub]:
-    """The hubs to synthesize, in spec order; an unknown name is a :class:`~tunnelhub.spec.SpecError`."""
-    if not names:
-        return list(spec.hubs)
-    wanted = {spec.hub(n).name for n in names}  # spec.hub raises SpecError for an unknown name
-    return [h for h in spec.hubs if h.name in wanted]

@@ -105,18 +105,22 @@ def ports(spec: Path | None, as_json: bool) -> None:
     show_default=True,
     help="cdktf output directory.",
 )
-def synth(spec: Path | None, hubs: tuple[str, ...], out: Path) -> None:
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Worker processes for hubs that need synthesis (default: $TUNNELHUB_SYNTH_JOBS, else the CPU count).")
+@click.option("--no-reuse", is_flag=True, help="Synthesize every stack even when its inputs did not change.")
+def synth(spec: Path | None, hubs: tuple[str, ...], out: Path, jobs: int | None, no_reuse: bool) -> None:
     """Synthesize the hub stacks (Terraform JSON) into OUT."""
-    from tunnelhub.synth import synthesize
+    from tunnelhub.synth import SynthError, synthesize
 
     loaded = load(spec)
     try:
-        results = synthesize(loaded, out, hubs=list(hubs) or None, progress=progress)
-    except S.SpecError as exc:
+        results = synthesize(loaded, out, hubs=list(hubs) or None, progress=progress, jobs=jobs, reuse=not no_reuse)
+    except (S.SpecError, SynthError) as exc:
         raise click.ClickException(str(exc)) from None
     print_table(
         [
-            {"stack": r.name, "resources": r.resources, "seconds": f"{r.seconds:.1f}", "directory": r.directory}
+            {"stack": r.name, "resources": r.resources,
+             "seconds": "reused" if r.reused else f"{r.seconds:.1f}", "directory": r.directory}
             for r in results
         ],
         ["stack", "resources", "seconds", "directory"],

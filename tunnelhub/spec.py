@@ -716,6 +716,13 @@ class SpecFile(_Model):
     version: Literal[1] = 1
     hubs: list[Hub] = Field(min_length=1)
 
+    def select(self, names: list[str] | None) -> list[Hub]:
+        """The named hubs in spec order (all when ``names`` is empty); an unknown name is a SpecError."""
+        if not names:
+            return list(self.hubs)
+        wanted = {self.hub(n).name for n in names}
+        return [h for h in self.hubs if h.name in wanted]
+
     def hub(self, name: str) -> Hub:
         for h in self.hubs:
             if h.name == name:

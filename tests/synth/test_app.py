@@ -68,12 +68,12 @@ def test_hub_option_resynthesizes_one_hub_and_keeps_the_rest_and_the_state(tmp_p
 
     spec = load_spec(EXAMPLE_SPEC)
     out = tmp_path / "cdktf.out"
-    synthesize(spec, out)
+    synthesize(spec, out, jobs=1)
     state = out / "stacks" / "use-aws" / "terraform.use-aws.tfstate"
     state.write_text('{"version": 4}')
     (out / "stacks" / "weu-azure" / ".terraform").mkdir()
     (out / "stacks" / "weu-azure" / "terraform.weu-azure.tfstate").write_text('{"version": 4, "serial": 7}')
-    results = synthesize(spec, out, hubs=["weu"])
+    results = synthesize(spec, out, hubs=["weu"], jobs=1, reuse=False)
     assert [r.name for r in results] == ["weu-azure"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert list(manifest["stacks"]) == ["weu-azure", "use-aws"]
@@ -95,7 +95,7 @@ def test_a_failing_synth_leaves_the_previous_output_untouched(tmp_path, monkeypa
     from tunnelhub.synth import synthesize
 
     out = tmp_path / "cdktf.out"
-    synthesize(load_spec(EXAMPLE_SPEC), out, hubs=["weu"])
+    synthesize(load_spec(EXAMPLE_SPEC), out, hubs=["weu"], jobs=1)
     before = (out / "stacks" / "weu-azure" / "cdk.tf.json").read_text()
 
     def broken(self, scope, hub):
@@ -103,7 +103,7 @@ def test_a_failing_synth_leaves_the_previous_output_untouched(tmp_path, monkeypa
 
     monkeypatch.setattr(app_module.HubStack, "__init__", broken)
     with pytest.raises(RuntimeError, match="boom"):
-        synthesize(load_spec(EXAMPLE_SPEC), out)
+        synthesize(load_spec(EXAMPLE_SPEC), out, jobs=1, reuse=False)
     assert (out / "stacks" / "weu-azure" / "cdk.tf.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cdktf.out"]
 
@@ -116,7 +116,7 @@ def test_an_azure_only_spec_never_imports_the_aws_bindings(tmp_path):
         from pathlib import Path
         from tunnelhub.spec import load_spec
         from tunnelhub.synth import synthesize
-        synthesize(load_spec({str(spec)!r}), Path({str(tmp_path / 'out')!r}))
+        synthesize(load_spec({str(spec)!r}), Path({str(tmp_path / 'out')!r}), jobs=1)
         print(sorted(m for m in sys.modules if m.startswith('cdktf_cdktf_provider_') and m.count('.') == 0))
     """)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
