@@ -777,6 +777,31 @@ def test_permission_error_abandons_the_launch(lab: Lab) -> None:
     assert lab.autoscaling.results_for(instance_id) == ["ABANDON"]
 
 
+def test_when_abandoning_fails_too_the_error_goes_to_lambda_retry(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    lab.allocate_pool(2)
+    instance_id, token = lab.launch()
+    lab.spy.hooks["associate_address"] = _failing("UnauthorizedOperation", 403)
+
+    def denied(**kwargs: Any) -> Any:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "CompleteLifecycleAction")
+
+    monkeypatch.setattr(lab.autoscaling, "complete_lifecycle_action", denied)
+    with pytest.raises(ClientError):
+        lab.assigner().handle(launch_event(instance_id, token))
+    last = lab.records[-1]
+    assert (last["decision"], last["code"], last["abandon_code"]) == ("retry", "UnauthorizedOperation", "AccessDenied")
+
+
+def test_an_instance_already_terminating_is_left_alone(lab: Lab) -> None:
+    lab.allocate_pool(2)
+    instance_id, token = lab.launch()
+    lab.ec2.terminate_instances(InstanceIds=[instance_id])
+    record = lab.assigner().handle(launch_event(instance_id, token))
+    assert (record["decision"], record["reason"]) == ("ignored", "instance_not_running")
+    assert record["state"] in ("shutting-down", "terminated")
+    assert lab.spy.writes() == [] and lab.autoscaling.completed == []
+
+
 def test_a_launch_ec2_does_not_show_yet_is_looked_up_again(lab: Lab) -> None:
     lab.allocate_pool(1)
     instance_id, token = lab.launch()
@@ -992,3 +1017,26 @@ def test_the_construct_can_import_the_helpers_without_boto3() -> None:
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "EC2 Instance-launch Lifecycle Action"
+
+
+def test_held_slots_come_from_the_pool_only() -> None:
+    pool = [
+        handler.PoolEip(slot=0, allocation_id="a0", public_ip="x", association_id="eipassoc-0", eni_id="eni-other"),
+        handler.PoolEip(slot=1, allocation_id="a1", public_ip="x", association_id="eipassoc-1", eni_id="eni-1"),
+        handler.PoolEip(slot=2, allocation_id="a2", public_ip="x"),
+    ]
+    instance = handler.InstanceView(
+        instance_id="i-0123456789abcdef0",
+        state="pending",
+        subnet_id="subnet-a",
+        eni_id="eni-1",
+        primary_ip="10.0.1.4",
+        private_ips=frozenset({"10.0.1.4", "10.0.1.11", "10.0.1.12"}),
+        tags={},
+    )
+    plan = {
+        2: SlotAddress("subnet-a", "10.0.1.11"),
+        7: SlotAddress("subnet-a", "10.0.1.12"),  # not in the pool (e.g. its EIP lost its tag)
+    }
+    assert handler.held_slots(pool, instance, plan) == [1, 2]
+    assert handler.held_slots(pool, instance, {}) == [1]

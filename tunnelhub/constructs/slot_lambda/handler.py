@@ -303,16 +303,15 @@ def instance_view(described: Mapping[str, Any]) -> InstanceView:
 
 
 def held_slots(pool: Iterable[PoolEip], instance: InstanceView, private_ips: Mapping[int, SlotAddress]) -> list[int]:
-    """Slots the instance already holds: a pool EIP on it or (private mode) a slot IP on its ENI."""
+    """Slots of `pool` the instance holds: their EIP is on it, or (private mode) their IP is on its ENI."""
     held = set()
     for eip in pool:
-        if (eip.instance_id and eip.instance_id == instance.instance_id) or (
-            eip.eni_id and eip.eni_id == instance.eni_id
-        ):
+        on_instance = eip.instance_id and eip.instance_id == instance.instance_id
+        on_eni = eip.eni_id and eip.eni_id == instance.eni_id
+        address = private_ips.get(eip.slot)
+        ip_on_eni = address is not None and address.ip in instance.private_ips and address.ip != instance.primary_ip
+        if on_instance or on_eni or ip_on_eni:
             held.add(eip.slot)
-    for slot, address in private_ips.items():
-        if address.ip in instance.private_ips and address.ip != instance.primary_ip:
-            held.add(slot)
     return sorted(held)
 
 
