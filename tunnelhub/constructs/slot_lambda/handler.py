@@ -566,6 +566,9 @@ class SlotAssigner:
         address = self.config.private_ips.get(eip.slot)
         if self.config.private_mode and address is None:
             raise SlotTaken(eip.slot, "no private address for this slot")
+        mine = bool(eip.association_id) and (eip.eni_id == instance.eni_id or eip.instance_id == instance.instance_id)
+        if eip.association_id and not mine:
+            raise SlotTaken(eip.slot, "Resource.AlreadyAssociated")
         target_ip = address.ip if address else instance.primary_ip
         assigned_here = False
         if address and address.ip not in instance.private_ips:
@@ -578,10 +581,8 @@ class SlotAssigner:
                     raise SlotTaken(eip.slot, _error_code(err)) from None
                 raise
             assigned_here = True
-        if eip.association_id and (eip.eni_id == instance.eni_id or eip.instance_id == instance.instance_id):
+        if mine:
             return eip
-        if eip.association_id:
-            raise SlotTaken(eip.slot, "Resource.AlreadyAssociated")
         try:
             response = self.ec2.associate_address(
                 AllocationId=eip.allocation_id,
