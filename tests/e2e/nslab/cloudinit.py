@@ -118,7 +118,8 @@ def rewrite_paths(text: str, mapping: Mapping[str, str]) -> str:
     if not mapping:
         return text
     keys = sorted(mapping, key=len, reverse=True)
-    pattern = re.compile(r"(?<![\w./-])(" + "|".join(re.escape(k) for k in keys) + r")")
+    start = r"(?:(?<![\w./-])|(?<=\s-[A-Za-z])|(?<=^-[A-Za-z]))"  # also "-i/path"
+    pattern = re.compile(start + "(" + "|".join(re.escape(k) for k in keys) + r")")
 
     def replace(match: re.Match[str]) -> str:
         key = match.group(1)

@@ -201,6 +201,13 @@ class Lab:
                         port=port, user=self.db.app_user, password=self.db.app_password,
                         database=self.db.app_database, **overrides)  # type: ignore[arg-type]
 
+    def endpoint_direct(self, node: str, **overrides: float) -> Endpoint:
+        """The database itself, from ``node`` (a neighbour of ``db``)."""
+        assert self.db is not None, "start_db() first"
+        return Endpoint(netns=self.topology.ns(node), host=self.topology.ip("db", node),
+                        port=DB_PORT, user=self.db.app_user, password=self.db.app_password,
+                        database=self.db.app_database, **overrides)  # type: ignore[arg-type]
+
     # -- tunnels ----------------------------------------------------------------------------------
 
     def wait_tunnel_listener(self, proxy: str, port: int = TUNNEL_PORT, *, present: bool = True,

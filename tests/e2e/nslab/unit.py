@@ -507,15 +507,17 @@ class ServiceRunner:
                     pass
             return targets
 
-    def _should_restart(self, returncode: int) -> bool:
+    def _clean(self, returncode: int) -> tuple[bool, bool]:
+        """``(clean exit, killed by an unclean signal)`` in systemd's terms."""
         cmd = self.command
         if returncode < 0:
             sig = -returncode
             clean = sig in _CLEAN_SIGNALS or sig in cmd.success_signals
-            abnormal_signal = not clean
-        else:
-            clean = returncode in cmd.success_exit_codes or cmd.ignore_failure
-            abnormal_signal = False
+            return clean, not clean
+        return returncode in cmd.success_exit_codes or cmd.ignore_failure, False
+
+    def _should_restart(self, returncode: int) -> bool:
+        clean, abnormal_signal = self._clean(returncode)
         return {
             "no": False,
             "always": True,
@@ -524,7 +526,7 @@ class ServiceRunner:
             "on-abnormal": abnormal_signal,
             "on-abort": abnormal_signal,
             "on-watchdog": False,
-        }[cmd.restart]
+        }[self.command.restart]
 
     def _record(self, kind: str, pid: int | None = None, returncode: int | None = None) -> None:
         self.events.append(ServiceEvent(time.monotonic(), kind, pid, returncode))
@@ -570,7 +572,7 @@ class ServiceRunner:
             if self._stopping.is_set():
                 break
             if not self._should_restart(returncode):
-                self.state = "inactive (exited)" if returncode == 0 else "failed"
+                self.state = "inactive (exited)" if self._clean(returncode)[0] else "failed"
                 return
             self._record("restart-scheduled")
             self.state = "activating (auto-restart)"
