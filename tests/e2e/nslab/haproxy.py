@@ -51,10 +51,11 @@ def lb_config(
 
     ``check="http"``: ``option httpchk GET /routes/<name>``, 200 expected, on ``health_port``.
     ``check="tcp"``: a plain TCP connect to the route port (the reference's plain probe).
+    ``check="none"``: no checks (benchmarks).
     ``check_timeout_s`` defaults to HAProxy's own default (the check interval).
     """
-    if check not in ("http", "tcp"):
-        raise LabError(f"check={check!r}: use 'http' (per-route health path) or 'tcp'")
+    if check not in ("http", "tcp", "none"):
+        raise LabError(f"check={check!r}: use 'http' (per-route health path), 'tcp' or 'none'")
     rise = threshold if rise is None else rise
     inter_ms = int(interval_s * 1000)
     lines = [
@@ -89,9 +90,12 @@ def lb_config(
             ]
         for server in servers:
             check_args = f"check inter {inter_ms} fall {threshold} rise {rise}"
-            if check == "http":
+            if check == "none":
+                check_args = ""
+            elif check == "http":
                 check_args += f" port {health_port}"
-            lines.append(f"    server {server.name} {server.address}:{route.port} {check_args}")
+            lines.append(f"    server {server.name} {server.address}:{route.port} {check_args}"
+                         .rstrip())
     return "\n".join(lines) + "\n"
 
 

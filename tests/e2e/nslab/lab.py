@@ -136,10 +136,11 @@ class Lab:
 
     # -- database ---------------------------------------------------------------------------------
 
-    def start_db(self) -> MariaDB:
+    def start_db(self, *, bind_all: bool = False, max_connect_errors: int = 100) -> MariaDB:
+        """MariaDB on the db's on-prem address (``bind_all``: every address, for benchmarks)."""
         db = MariaDB(workdir=self.path("db"), netns=self.topology.ns("db"),
-                     bind_address=self.topology.ip("db", "onprem"), log_dir=self.log_dir,
-                     port=DB_PORT)
+                     bind_address="0.0.0.0" if bind_all else self.topology.ip("db", "onprem"),
+                     log_dir=self.log_dir, port=DB_PORT, max_connect_errors=max_connect_errors)
         self.db = db
         self.on_close("mariadb", db.stop)
         return db.start()
