@@ -22,7 +22,7 @@ from .haproxy import Haproxy, LbBackendServer, LbRoute, lb_config
 from .mariadb import MariaDB
 from .netns import Topology, default_links, lab_prefix
 from .proc import LabError, tail, wait_until
-from .sshd import Sshd, SshdConfig, ensure_user, generate_key, known_hosts_line, remove_user
+from .sshd import Sshd, SshdConfig, acquire_user, generate_key, known_hosts_line, release_user
 from .unit import ServiceRunner, UnitCommand, load_unit
 
 BASE_DIR_ENV = "TUNNELHUB_LAB_DIR"
@@ -64,6 +64,7 @@ class Lab:
         self.tunnels: dict[str, ServiceRunner] = {}
         self.notes: list[str] = []
         self._keys: dict[str, tuple[Path, str]] = {}
+        self._users: list[str] = []
         self.closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -71,9 +72,16 @@ class Lab:
     def open(self) -> Lab:
         self.topology.create()
         self.on_close("topology", self.topology.destroy)
-        if ensure_user(self.tunnel_user):
-            self.on_close(f"user {self.tunnel_user}", lambda: remove_user(self.tunnel_user))
+        self.use_user(self.tunnel_user)
         return self
+
+    def use_user(self, name: str) -> None:
+        """The tunnel user exists while this lab runs (shared safely with parallel labs)."""
+        if name in self._users:
+            return
+        acquire_user(name, self.prefix)
+        self._users.append(name)
+        self.on_close(f"user {name}", lambda: release_user(name, self.prefix))
 
     def on_close(self, what: str, fn: Callable[[], None]) -> None:
         self._cleanups.append((what, fn))
@@ -237,9 +245,7 @@ class Lab:
         files = dict(extra_files or {})
         files.setdefault("/etc/ssh/ssh_host_ed25519_key", self.hub_host_key[0].read_bytes())
         vm = extract_cloud_init(user_data, self.path(proxy, "root"), extra_files=files)
-        user = self.tunnel_user_of(vm)
-        if ensure_user(user):
-            self.on_close(f"user {user}", lambda: remove_user(user))
+        self.use_user(self.tunnel_user_of(vm))
         vm.rechown()
         return vm
 

@@ -13,6 +13,8 @@ only when it created it.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import pwd
 import subprocess
@@ -50,6 +52,54 @@ def ensure_user(name: str, *, shell: str = "/usr/sbin/nologin") -> bool:
 
 def remove_user(name: str) -> None:
     run(["userdel", name], check=False)
+
+
+_USERS_STATE = Path("/run/tunnelhub-lab-users.json")
+_USERS_LOCK = Path("/run/tunnelhub-lab-users.lock")
+
+
+def _with_users_state(update):  # type: ignore[no-untyped-def]
+    """Run ``update(state)`` under an exclusive lock; ``state`` is saved after it."""
+    with open(_USERS_LOCK, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            state = json.loads(_USERS_STATE.read_text()) if _USERS_STATE.exists() else {}
+        except json.JSONDecodeError:
+            state = {}
+        result = update(state)
+        _USERS_STATE.write_text(json.dumps(state))
+        return result
+
+
+def acquire_user(name: str, holder: str) -> None:
+    """Make sure user ``name`` exists while lab ``holder`` (its prefix) runs.
+
+    Parallel lab runs share ``/etc/passwd``: the user is created by the first run that needs
+    it and removed by the last one to release it, and only if a lab created it.
+    """
+
+    def update(state: dict) -> None:
+        entry = state.setdefault(name, {"created": False, "holders": []})
+        if ensure_user(name):
+            entry["created"] = True
+        if holder not in entry["holders"]:
+            entry["holders"].append(holder)
+
+    _with_users_state(update)
+
+
+def release_user(name: str, holder: str) -> None:
+    def update(state: dict) -> None:
+        entry = state.get(name)
+        if entry is None:
+            return
+        entry["holders"] = [h for h in entry["holders"] if h != holder]
+        if not entry["holders"]:
+            if entry["created"]:
+                remove_user(name)
+            del state[name]
+
+    _with_users_state(update)
 
 
 def generate_key(path: Path, *, key_type: str = "ed25519", bits: int | None = None,
