@@ -60,6 +60,12 @@ def test_sample_cloud_init_extracts_every_file_with_mode_and_decoded_content(tmp
     assert match_user(vm.file("/etc/ssh/sshd_config.d/10-tunnelhub.conf").text) == "tunnelhub"
 
 
+def test_sample_cloud_init_embeds_the_sample_health_script_unchanged():
+    doc = load_cloud_config(sample_proxy_user_data(KEY))
+    (entry,) = [w for w in doc["write_files"] if w["path"].endswith("tunnelhub_health.py")]
+    assert entry["content"] == (SAMPLES_DIR / "tunnelhub_health.py").read_text()
+
+
 def test_extra_files_are_added_after_the_cloud_init(tmp_path):
     vm = extract_cloud_init(sample_proxy_user_data(KEY), tmp_path / "r",
                             extra_files={"/etc/ssh/ssh_host_ed25519_key": b"KEY"})

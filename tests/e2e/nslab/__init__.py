@@ -10,5 +10,8 @@ Modules:
 - ``haproxy``    HAProxy as the load balancer (HTTP or plain-TCP checks) and as a proxy data plane
 - ``reference``  the reference design (socat, TCP-connect health check, autossh unit)
 - ``client``     the query driver (PyMySQL) recording every query
+- ``health``     ask a proxy's health endpoint as the LB would
 - ``lab``        one object wiring the pieces for a scenario
+- ``generated``  run tunnelhub's generated artifacts (extracted cloud-init, on-prem unit)
+- ``samples``    the SAMPLE stand-ins for those artifacts (``tests/e2e/samples/``)
 """

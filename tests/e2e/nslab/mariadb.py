@@ -138,7 +138,8 @@ class MariaDB:
         cols = ["IP", "HOST", "SUM_CONNECT_ERRORS", "COUNT_HANDSHAKE_ERRORS",
                 "COUNT_HOST_BLOCKED_ERRORS", "COUNT_AUTHENTICATION_ERRORS"]
         out = self.sql(f"SELECT {', '.join(cols)} FROM performance_schema.host_cache").stdout
-        return [dict(zip(cols, line.split("\t"))) for line in out.splitlines() if line]
+        return [dict(zip(cols, line.split("\t"), strict=True))
+                for line in out.splitlines() if line]
 
     def aborted_connection_warnings(self) -> list[str]:
         """Error-log lines about aborted connections (``log_warnings=2``)."""

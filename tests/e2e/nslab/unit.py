@@ -304,8 +304,9 @@ def load_unit(
     ``path_map`` maps VM paths to where the lab put them (whole paths or ``dir/`` prefixes):
     applied to ``EnvironmentFile=`` paths before reading them and to every argument after
     expansion. ``insert_args`` go right after the program (the lab uses it only to keep the
-    reference unit's ssh away from root's own ``~/.ssh/known_hosts``). ``unit_name`` defaults to the file name with the instance filled in
-    (``tunnelhub-hub@.service`` + ``1`` -> ``tunnelhub-hub@1.service``).
+    reference unit's ssh away from root's own ``~/.ssh/known_hosts``). ``unit_name`` defaults
+    to the file name with the instance filled in (``tunnelhub-hub@.service`` + ``1`` ->
+    ``tunnelhub-hub@1.service``).
     """
     mapping = dict(path_map or {})
     file_name = unit_path.name

@@ -24,7 +24,8 @@ def route_ok(port, timeout_s):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
-    config = json.load(open(parser.parse_args().config, encoding="utf-8"))
+    with open(parser.parse_args().config, encoding="utf-8") as handle:
+        config = json.load(handle)
     routes = config["routes"]
     timeout_s = config.get("timeout_s", 2.0)
 
