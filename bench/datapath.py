@@ -39,7 +39,7 @@ from nslab.client import Endpoint  # noqa: E402
 from nslab.haproxy import Haproxy, LbRoute, data_plane_config  # noqa: E402
 from nslab.lab import DB_PORT, TUNNEL_PORT, Lab  # noqa: E402
 from nslab.netns import in_netns  # noqa: E402
-from nslab.proc import LabError  # noqa: E402
+from nslab.proc import LabError, interrupt_on_sigterm  # noqa: E402
 from nslab.unit import ServiceRunner, UnitCommand  # noqa: E402
 
 PROXY = "proxy1"
@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench/datapath.py needs root (network namespaces)", file=sys.stderr)
         return 2
+    interrupt_on_sigterm()
     lab = Lab(proxies=1, client_to_db=True)
     failed = True
     try:

@@ -17,6 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nslab.lab import Lab  # noqa: E402
+from nslab.proc import interrupt_on_sigterm  # noqa: E402
 
 REQUIRED_BINARIES = ("ip", "nft", "ss", "sshd", "ssh", "ssh-keygen", "autossh", "socat",
                      "haproxy", "mariadbd", "mariadb-install-db", "mariadb", "useradd")
@@ -71,5 +72,6 @@ def lab(request, lab_requirements):  # type: ignore[no-untyped-def]
 
 
 def pytest_configure(config):  # type: ignore[no-untyped-def]
+    interrupt_on_sigterm()
     config.addinivalue_line("markers", "lab(**options): options for the lab fixture "
                             "(proxies=, client_to_db=, tunnel_user=)")

@@ -22,6 +22,7 @@ import ctypes
 import fcntl
 import os
 import re
+import signal
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -185,7 +186,7 @@ class Topology:
             for node in self.nodes:
                 name = self.ns(node)
                 if Path(f"/run/netns/{name}").exists():
-                    run(["ip", "netns", "delete", name])  # left behind by a run that died
+                    self._remove_stale(name)
                 run(["ip", "netns", "add", name])
                 self._created.append(name)
                 run(["ip", "-n", name, "link", "set", "lo", "up"])
@@ -201,6 +202,18 @@ class Topology:
             self.destroy()
             raise
         return self
+
+    @staticmethod
+    def _remove_stale(name: str) -> None:
+        """A namespace of our prefix left by a run that died (we hold the prefix lock): stop
+        the processes still inside it, by PID, then delete it."""
+        pids = run(["ip", "netns", "pids", name], check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        run(["ip", "netns", "delete", name])
 
     def destroy(self) -> None:
         errors = []

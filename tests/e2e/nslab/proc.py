@@ -267,6 +267,16 @@ class Daemon:
             )
 
 
+def interrupt_on_sigterm() -> None:
+    """Turn SIGTERM (a CI or ``timeout`` stopping the run) into KeyboardInterrupt, so the
+    lab's ``finally`` blocks still stop every process it started."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def tail(path: Path, lines: int = 60) -> str:
     try:
         text = path.read_text(errors="replace")
