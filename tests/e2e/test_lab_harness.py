@@ -7,6 +7,8 @@ proven before they exist. Bounds are generous for a loaded 2-core machine and st
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 
@@ -160,3 +162,24 @@ def test_sample_tunnel_key_cannot_run_commands_or_forward_elsewhere(lab: Lab) ->
     other = ssh("-N", "-o", "ExitOnForwardFailure=yes", "-R", f"localhost:13307:{lab.db_host}:"
                 f"{DB_PORT}")
     assert other.returncode != 0 and "forwarding failed" in other.stderr, other
+
+
+def test_sample_unit_restart_policy_brings_back_a_sigtermed_ssh_child(lab: Lab) -> None:
+    """autossh exits 0 when its ssh child gets SIGTERM; only Restart=always (RestartSec=2 in
+    the sample unit) brings the tunnel back -- the runner must mimic that."""
+    _sample_lab(lab)
+    runner = lab.tunnels["proxy1"]
+    ssh_pid = runner.find_process("ssh")
+    assert ssh_pid is not None, runner.processes()
+    starts_before = len(runner.starts())
+    killed_at = time.monotonic()
+    os.kill(ssh_pid, signal.SIGTERM)
+    lab.wait_tunnel_listener("proxy1", present=False, timeout_s=10)
+    back_s = lab.wait_tunnel_listener("proxy1", timeout_s=30)
+    exit_event = runner.exits()[-1]
+    print(f"\n[samples] ssh child SIGTERMed: autossh exited {exit_event.returncode} after "
+          f"{exit_event.at - killed_at:.2f} s; tunnel listener back "
+          f"{time.monotonic() - killed_at:.2f} s after the kill ({back_s:.2f} s after it went)")
+    assert exit_event.returncode == 0
+    assert len(runner.starts()) == starts_before + 1
+    assert runner.starts()[-1].at - exit_event.at >= 2.0  # RestartSec=2

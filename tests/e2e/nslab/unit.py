@@ -482,6 +482,16 @@ class ServiceRunner:
         pid = self.main_pid
         return process_tree(pid) if pid is not None else []
 
+    def find_process(self, comm: str) -> int | None:
+        """PID of the service's first process named ``comm`` (``/proc/<pid>/comm``)."""
+        for pid in self.processes():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
+                    return pid
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        return None
+
     def starts(self) -> list[ServiceEvent]:
         return [e for e in self.events if e.kind == "start"]
 
