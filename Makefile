@@ -65,6 +65,9 @@ synth: $(VENV)/.base-installed
 test: $(VENV)/.test-installed $(VENV)-checkov/.installed debs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+lab: $(VENV)/.test-installed debs
+	$(PY) -m pytest tests/e2e -m e2e -s -q $(PYTEST_ARGS)
+
 bench: $(VENV)/.test-installed debs
 	@set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
 
