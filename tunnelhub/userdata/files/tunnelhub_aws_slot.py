@@ -67,7 +67,7 @@ class Imds:
         return None
 
 
-def wait_for(what: str, probe, deadline: float, started: float, hint: str):
+def wait_for(what: str, probe, deadline: float, started: float, hint: str, progress_every_s: float = PROGRESS_EVERY_S):
     """Poll ``probe`` until it returns a value; log progress; raise TimeoutError at ``deadline``."""
     last_progress = time.monotonic()
     last_error = ""
@@ -82,7 +82,7 @@ def wait_for(what: str, probe, deadline: float, started: float, hint: str):
         now = time.monotonic()
         if now >= deadline:
             raise TimeoutError(f"no {what} after {now - started:.0f} s{last_error}; {hint}")
-        if now - last_progress >= PROGRESS_EVERY_S:
+        if now - last_progress >= progress_every_s:
             log(f"still waiting for {what} ({now - started:.0f} s of {deadline - started:.0f} s){last_error}")
             last_progress = now
         time.sleep(min(POLL_S, max(0.0, deadline - now)))
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--netplan-file", default=NETPLAN_FILE)
     parser.add_argument("--imds-url", default=IMDS_URL, help=argparse.SUPPRESS)
     parser.add_argument("--sysfs", default="/sys/class/net", help=argparse.SUPPRESS)
+    parser.add_argument("--progress-every-s", type=float, default=PROGRESS_EVERY_S, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     private_ips = [str(ipaddress.IPv4Address(a)) for a in args.private_ips.split(",") if a]
     if private_ips and len(private_ips) != args.count:
@@ -148,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     imds = Imds(args.imds_url)
     started = time.monotonic()
     deadline = started + args.timeout_s
+
+    def wait(what: str, probe, hint: str):
+        return wait_for(what, probe, deadline, started, hint, args.progress_every_s)
 
     def slot_tag() -> int | None:
         value = imds.get(f"tags/instance/{args.tag}")
@@ -159,22 +163,22 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         log(f"waiting for the slot tag {args.tag} (set by the Auto Scaling lifecycle Lambda)")
-        slot = wait_for(f"slot tag {args.tag}", slot_tag, deadline, started,
-                        "check that the launch template enables instance metadata tags "
-                        "(metadata_options.instance_metadata_tags = enabled) and the slot Lambda's logs")
+        slot = wait(f"slot tag {args.tag}", slot_tag,
+                    "check that the launch template enables instance metadata tags "
+                    "(metadata_options.instance_metadata_tags = enabled) and the slot Lambda's logs")
         if args.require_public_ipv4:
-            wait_for("public IPv4 (the slot's Elastic IP)", lambda: imds.get("public-ipv4"), deadline, started,
-                     "the slot Lambda associates the Elastic IP; without it this proxy has no egress")
+            wait("public IPv4 (the slot's Elastic IP)", lambda: imds.get("public-ipv4"),
+                 "the slot Lambda associates the Elastic IP; without it this proxy has no egress")
         if private_ips:
             address = private_ips[slot]
-            mac = wait_for("primary interface MAC", lambda: imds.get("mac"), deadline, started, "IMDS is unreachable")
+            mac = wait("primary interface MAC", lambda: imds.get("mac"), "IMDS is unreachable")
 
             def assigned() -> str | None:
                 listed = imds.get(f"network/interfaces/macs/{mac}/local-ipv4s") or ""
                 return address if address in listed.split() else None
 
-            wait_for(f"secondary private IP {address} on the primary interface", assigned, deadline, started,
-                     "the slot Lambda assigns it (ec2:AssignPrivateIpAddresses)")
+            wait(f"secondary private IP {address} on the primary interface", assigned,
+                 "the slot Lambda assigns it (ec2:AssignPrivateIpAddresses)")
             configure_address(address, interface_for_mac(mac, args.sysfs), args.netplan_file)
     except (TimeoutError, ValueError, OSError, subprocess.SubprocessError) as exc:
         log(f"FAILED: {exc}")

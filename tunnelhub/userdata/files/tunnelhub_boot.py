@@ -59,10 +59,11 @@ def installed(package: str) -> bool:
     return done.returncode == 0 and done.stdout.strip() == "install ok installed"
 
 
-def install_packages(packages: list[str], timeout_s: float, policy_rc_d: str = POLICY_RC_D) -> bool:
+def install_packages(packages: list[str], timeout_s: float, policy_rc_d: str = POLICY_RC_D,
+                     first_delay_s: float = 5.0) -> bool:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", NEEDRESTART_MODE="a", NEEDRESTART_SUSPEND="1")
     deadline = time.monotonic() + timeout_s
-    delay, attempt = 5.0, 0
+    delay, attempt = first_delay_s, 0
     made_policy = False
     if not os.path.exists(policy_rc_d):  # hold back service starts by maintainer scripts
         with open(policy_rc_d, "w", encoding="ascii") as fh:
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="/etc/tunnelhub/boot.json")
     parser.add_argument("--lib-dir", default=os.path.dirname(os.path.abspath(__file__)))
     parser.add_argument("--policy-rc-d", default=POLICY_RC_D, help=argparse.SUPPRESS)
+    parser.add_argument("--first-retry-s", type=float, default=5.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     with open(args.config, encoding="utf-8") as fh:
         cfg = json.load(fh)
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     preinstalled = all(installed(p) for p in cfg["packages"])
     if preinstalled:
         log(f"{' '.join(cfg['packages'])} already installed")
-    elif not install_packages(cfg["packages"], cfg["install_timeout_s"], args.policy_rc_d):
+    elif not install_packages(cfg["packages"], cfg["install_timeout_s"], args.policy_rc_d,
+                                args.first_retry_s):
         failed.append("packages")
 
     if "packages" not in failed:

@@ -142,7 +142,8 @@ def sigv4_headers(*, method: str, url: str, region: str, service: str, body: byt
     signed = ";".join(sorted(out))
     query = "&".join(sorted(f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
                             for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)))
-    canonical = "\n".join([method, urllib.parse.quote(parts.path or "/", safe="/-_.~"), query,
+    path = parts.path or "/"  # already URI-encoded once; S3 signs it as is, other services encode it again
+    canonical = "\n".join([method, path if service == "s3" else urllib.parse.quote(path, safe="/~"), query,
                            "".join(f"{k}:{out[k]}\n" for k in sorted(out)), signed,
                            hashlib.sha256(body).hexdigest()])
     scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
