@@ -536,3 +536,22 @@ def test_compaction_refuses_a_file_that_reads_its_docstring():
 def test_compaction_keeps_a_lone_docstring_body_valid():
     out = compact_python('def f():\n    """only a docstring"""\n\n\nclass C:  # c\n    "doc"\n    x = 1  # one\n')
     assert out == "def f():\n    ...\n\n\nclass C:\n\n    x = 1\n"
+
+
+def test_a_large_aws_hub_still_fits(tmp_path):
+    """16 routes, 6 tunnel keys, 3 admin keys, 2 source ranges: still under AWS's 16 KB."""
+    keys = []
+    for i in range(6):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / f"k{i}")], check=True)
+        keys.append((tmp_path / f"k{i}.pub").read_text().strip())
+    routes = [{"name": f"db{i}", "kind": "tunnel", "port": 3000 + i, "target": f"db{i}.corp.example:3306",
+               "type": "mysql"} for i in range(14)]
+    routes += [{"name": "aoai", "kind": "forward", "port": 443, "target": "contoso-aoai.openai.azure.com:443"},
+               {"name": "api", "kind": "forward", "port": 8443, "target": "api.example.com:443"}]
+    hub = load_hubs(aws_hub(routes=routes, proxies={"admin_ssh_public_keys": keys[:3]},
+                            onprem={"source_cidrs": ["203.0.113.0/28", "198.51.100.0/24"],
+                                    "tunnel_public_keys": keys})).hubs[0]
+    ud = render_cloud_init(hub, None)
+    print(f"large aws hub: {len(ud.cloud_config.encode())} bytes plain, {ud.size_bytes} gzip, "
+          f"compacted={ud.scripts_compacted}")
+    assert ud.size_bytes <= 16384 and len(files_of(ud)) == 12 and len(ud.s3_objects) == 1
