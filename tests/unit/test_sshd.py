@@ -94,7 +94,7 @@ def setup(tunnel_user):
         (workdir / "sshd_config.d").mkdir()
         authorized_keys = workdir / "authorized_keys"
         dropin = workdir / "sshd_config.d" / "10-tunnelhub.conf"
-        dropin.write_text(R.sshd_dropin(hub).replace(R.TUNNEL_AUTHORIZED_KEYS_PATH, str(authorized_keys)))
+        dropin.write_text(R.sshd_dropin(hub).replace(R.tunnel_authorized_keys_path(hub), str(authorized_keys)))
         authorized_keys.write_text(R.tunnel_authorized_keys(hub))
         authorized_keys.chmod(0o644)
         # Debian's own sshd_config, its include pointed at our directory (as on the proxy).

@@ -147,7 +147,7 @@ def test_the_file_list():
     common = [
         "/etc/sysctl.d/60-tunnelhub.conf",
         "/etc/ssh/sshd_config.d/10-tunnelhub.conf",
-        "/etc/ssh/tunnelhub_authorized_keys",
+        "/etc/ssh/authorized_keys.d/tunnel",
         "/etc/haproxy/haproxy.cfg",
         "/etc/tunnelhub/health.json",
         "/etc/tunnelhub/boot.json",
@@ -440,7 +440,7 @@ def test_sshd_dropin_lines(hub, slot, ud):
     match_lines = [line.strip() for line in match.splitlines() if line.strip()]
     ports = " ".join(f"localhost:{r.tunnel_port}" for r in hub.tunnel_routes)
     assert match_lines == [
-        "AuthorizedKeysFile /etc/ssh/tunnelhub_authorized_keys", "AllowTcpForwarding remote",
+        f"AuthorizedKeysFile /etc/ssh/authorized_keys.d/{hub.onprem.tunnel_user}", "AllowTcpForwarding remote",
         f"PermitListen {ports}", "PermitOpen none", "GatewayPorts no", "PermitTTY no",
         "ForceCommand /usr/sbin/nologin", "AllowAgentForwarding no", "AllowStreamLocalForwarding no",
         "X11Forwarding no", "PermitTunnel no", "PermitUserRC no",
@@ -449,7 +449,7 @@ def test_sshd_dropin_lines(hub, slot, ud):
 
 @pytest.mark.parametrize(("hub", "slot", "ud"), EXAMPLES, ids=EXAMPLE_IDS)
 def test_authorized_keys_options(hub, slot, ud):
-    text = files_of(ud)["/etc/ssh/tunnelhub_authorized_keys"].content
+    text = files_of(ud)[f"/etc/ssh/authorized_keys.d/{hub.onprem.tunnel_user}"].content
     keys = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert len(keys) == len(hub.onprem.tunnel_public_keys)
     listen = ",".join(f'permitlisten="localhost:{r.tunnel_port}"' for r in hub.tunnel_routes)

@@ -56,7 +56,8 @@ BOOT_SCRIPT_PATH = f"{LIB_DIR}/tunnelhub_boot.py"
 BOOT_CONFIG_PATH = f"{CONF_DIR}/boot.json"
 HAPROXY_CONFIG_PATH = "/etc/haproxy/haproxy.cfg"
 SSHD_DROPIN_PATH = "/etc/ssh/sshd_config.d/10-tunnelhub.conf"
-TUNNEL_AUTHORIZED_KEYS_PATH = "/etc/ssh/tunnelhub_authorized_keys"
+TUNNEL_AUTHORIZED_KEYS_DIR = "/etc/ssh/authorized_keys.d"
+"""The tunnel user's keys: ``<dir>/<tunnel_user>``, root-owned (the user cannot change them)."""
 SYSCTL_DROPIN_PATH = "/etc/sysctl.d/60-tunnelhub.conf"
 HEALTH_UNIT_PATH = "/etc/systemd/system/tunnelhub-health.service"
 HAPROXY_UNIT_DROPIN_PATH = "/etc/systemd/system/haproxy.service.d/10-tunnelhub.conf"
@@ -247,7 +248,7 @@ def vm_files(hub: Hub, slot: int | None, *, compacted: bool = False) -> list[VmF
     files = [
         VmFile(SYSCTL_DROPIN_PATH, sysctl_conf(), "0644"),
         VmFile(SSHD_DROPIN_PATH, sshd_dropin(hub), "0644"),
-        VmFile(TUNNEL_AUTHORIZED_KEYS_PATH, tunnel_authorized_keys(hub), "0644"),
+        VmFile(tunnel_authorized_keys_path(hub), tunnel_authorized_keys(hub), "0644"),
         VmFile(HAPROXY_CONFIG_PATH, haproxy_config(hub), "0644"),
         VmFile(HEALTH_CONFIG_PATH, json.dumps(health_config(hub), indent=2) + "\n", "0644"),
         VmFile(BOOT_CONFIG_PATH, json.dumps(boot_config(hub, slot), indent=2) + "\n", "0644"),
@@ -281,6 +282,10 @@ def host_key_parameter_name(hub: Hub) -> str:
     return f"/tunnelhub/{hub.name}/ssh-host-ed25519-key"
 
 
+def tunnel_authorized_keys_path(hub: Hub) -> str:
+    return f"{TUNNEL_AUTHORIZED_KEYS_DIR}/{hub.onprem.tunnel_user}"
+
+
 def permit_listen(hub: Hub) -> list[str]:
     """``localhost:<tunnel_port>`` per tunnel route: the listen address the on-prem ``-R`` uses."""
     return [f"localhost:{r.tunnel_port}" for r in hub.tunnel_routes]
@@ -299,7 +304,7 @@ def sshd_dropin(hub: Hub) -> str:
         client_alive_interval_s=CLIENT_ALIVE_INTERVAL_S,
         client_alive_count_max=CLIENT_ALIVE_COUNT_MAX,
         tunnel_user=hub.onprem.tunnel_user,
-        authorized_keys_path=TUNNEL_AUTHORIZED_KEYS_PATH,
+        authorized_keys_path=tunnel_authorized_keys_path(hub),
         permit_listen=permit_listen(hub),
         nologin=NOLOGIN,
     )
