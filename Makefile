@@ -12,10 +12,10 @@ DIST        ?= dist
 PYTEST_ARGS ?=
 
 # Debian packages the tests drive for real (sshd, autossh, HAProxy, socat, MariaDB in network
-# namespaces; cloud-init's schema check; lintian, shellcheck and debootstrap for the on-prem
+# namespaces; cloud-init's schema check; lintian, shellcheck, strace and debootstrap for the on-prem
 # package).
 TEST_DEBS := openssh-server openssh-client autossh haproxy socat mariadb-server mariadb-client \
-             cloud-init lintian debootstrap dpkg-dev iproute2 nftables iptables systemd shellcheck
+             cloud-init lintian debootstrap dpkg-dev iproute2 nftables iptables systemd shellcheck strace
 
 # The example on-prem packages: `make synth` builds them the way a user would after deploy, from
 # the example stack outputs. With another SPEC, name its hubs and outputs file (or leave empty).

@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = ROOT / ".cache" / "chroot"
@@ -100,22 +101,28 @@ def extract(tarball: Path, dest: Path) -> Path:
 
 
 class Chroot:
-    """Run commands inside an extracted root."""
+    """Run commands inside an extracted root (optionally inside a network namespace)."""
+
+    _SCRIPT = (
+        'set -e; r="$1"; shift; '
+        'mount --bind /dev "$r/dev"; mount -t proc proc "$r/proc"; '
+        'exec chroot "$r" "$@"'
+    )
+    _ENV: ClassVar[dict[str, str]] = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
 
     def __init__(self, root: Path):
         self.root = root
 
+    def argv(self, argv: tuple[str, ...] | list[str], netns: str | None = None) -> list[str]:
+        inner = ["unshare", "--mount", "--propagation", "private", "--fork",
+                 "sh", "-c", self._SCRIPT, "sh", str(self.root), *argv]
+        return (["ip", "netns", "exec", netns] if netns else []) + inner
+
     def run(self, *argv: str, check: bool = True, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
-        script = (
-            'set -e; r="$1"; shift; '
-            'mount --bind /dev "$r/dev"; mount -t proc proc "$r/proc"; '
-            'exec chroot "$r" "$@"'
-        )
-        base_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
+            netns: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "--fork", "sh", "-c", script, "sh", str(self.root), *argv],
-            capture_output=True, text=True, env={**base_env, **(env or {})}, timeout=timeout,
+            self.argv(argv, netns), check=False, capture_output=True, text=True,
+            env={**self._ENV, **(env or {})}, timeout=timeout,
         )
         if check and result.returncode != 0:
             raise AssertionError(
@@ -123,6 +130,12 @@ class Chroot:
                 f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
             )
         return result
+
+    def popen(self, argv: list[str], *, env: dict[str, str] | None = None, netns: str | None = None,
+              **kwargs) -> subprocess.Popen:
+        """Start a long-running command in its own process group (stop it with ``os.killpg``)."""
+        return subprocess.Popen(self.argv(argv, netns), env={**self._ENV, **(env or {})},
+                                start_new_session=True, **kwargs)
 
     def path(self, inside: str) -> Path:
         return self.root / inside.lstrip("/")
@@ -132,5 +145,3 @@ class Chroot:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, dest)
         return inside
-
-
