@@ -16,6 +16,7 @@ start), exactly as in a container or an image build.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -67,8 +68,19 @@ def cached_root():
 
 
 @pytest.fixture(scope="module")
-def chroot(cached_root, tmp_path_factory) -> Chroot:
-    return Chroot(extract(cached_root.tarball, tmp_path_factory.mktemp("root")))
+def chroot(cached_root):
+    with extracted_root(cached_root) as root:
+        yield root
+
+
+@contextlib.contextmanager
+def extracted_root(cached_root):
+    """A fresh root from the cached tarball, deleted afterwards (it is ~200 MB unpacked)."""
+    path = Path(tempfile.mkdtemp(prefix="op-root-"))
+    try:
+        yield Chroot(extract(cached_root.tarball, path))
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -409,6 +421,11 @@ def _keygen(path: Path) -> str:
 @pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() or shutil.which("strace") is None,
                     reason="needs openssh-server and strace (make test installs them)")
 def test_installed_exec_start_brings_the_tunnel_up(cached_root, tmp_path, netns, workdir):
+    with contextlib.ExitStack() as stack:
+        _exec_start_brings_the_tunnel_up(stack, cached_root, tmp_path, netns, workdir)
+
+
+def _exec_start_brings_the_tunnel_up(stack, cached_root, tmp_path, netns, workdir):
     # GIVEN a hub with one slot at 127.0.0.1 and a tunnel to a local echo server, its package
     # installed in a fresh root, and an sshd holding the hub host key
     hub = load_hubs(aws_hub(
@@ -422,7 +439,7 @@ def test_installed_exec_start_brings_the_tunnel_up(cached_root, tmp_path, netns,
         "host_public_key": {"value": host_pub, "type": "string", "sensitive": False},
     }, hub.stack_name, "test-outputs.json")
     deb = build_deb(hub, outputs, tmp_path / "dist", source_date_epoch=V1_EPOCH)
-    root = Chroot(extract(cached_root.tarball, tmp_path / "root"))
+    root = stack.enter_context(extracted_root(cached_root))
     install(root, deb)
     client_pub = root.path("/var/lib/tunnelhub-optest/id_ed25519.pub").read_text().strip()
     (workdir / "authorized_keys").write_text(f'restrict,port-forwarding,permitlisten="localhost:{TUNNEL_PORT}" {client_pub}\n')
