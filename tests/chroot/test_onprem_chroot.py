@@ -3,7 +3,8 @@
 GIVEN the example hub weu's package (v1) and a newer one with an extra tunnel route (v2)
 WHEN they are installed, upgraded, removed and purged in a clean Debian 12 root
 THEN files, modes, owners, the service user, the tunnel key and the unit enablement are right at
-every step. A second root runs the installed unit's ExecStart against a real sshd in a network
+every step; with a recording systemctl standing in for systemd, they start, restart and stop the
+tunnels as debhelper's conventions say. Another root runs the installed unit's ExecStart against a real sshd in a network
 namespace: the tunnel comes up with the key postinst generated and the pinned host key, every
 system call and socket family it uses is one the unit's seccomp and address-family filters allow
 (traced with strace, since no systemd runs here to enforce them), and a proxy presenting another
@@ -264,6 +265,54 @@ def test_trust_on_first_use_package(chroot, debs):
     assert f"ReadWritePaths={STATE}" in chroot.path(f"/lib/systemd/system/{PKG}@.service").read_text()
     dpkg(chroot, "--purge", PKG)
     assert not chroot.path(STATE).exists() and passwd_entry(chroot, PKG) is None
+
+
+# --------------------------------------------------------------------------------------------
+# The systemd calls of the maintainer scripts (a recording systemctl stands in for systemd)
+# --------------------------------------------------------------------------------------------
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+echo "$*" >> /var/log/systemctl.calls
+case "$*" in
+    *is-enabled*) echo enabled ;;
+esac
+exit 0
+"""
+
+
+def test_maintainer_scripts_start_restart_and_stop_through_systemd(cached_root, debs):
+    # GIVEN a root where systemd looks like it runs (/run/systemd/system) and systemctl records calls
+    with extracted_root(cached_root) as root:
+        root.path("/run/systemd/system").mkdir(parents=True)
+        fake = root.path("/usr/sbin/systemctl")  # before /usr/bin in PATH
+        fake.write_text(FAKE_SYSTEMCTL)
+        fake.chmod(0o755)
+        log = root.path("/var/log/systemctl.calls")
+
+        def calls_during(action) -> list[str]:
+            log.write_text("")
+            action()
+            return [c for c in log.read_text().splitlines() if not c.startswith(("--system is-enabled", "--quiet is-active", "--root=",
+                                                                                  "--system --quiet is-active"))]
+
+        # WHEN installed, THEN the target is started
+        assert calls_during(lambda: install(root, debs["v1"])) == [
+            "--system daemon-reload", f"--quiet --system start {PKG}.target"]
+        # WHEN upgraded, THEN slots it no longer has are stopped and the target is restarted
+        upgrade = calls_during(lambda: install(root, debs["v2"]))
+        assert upgrade == ["--system daemon-reload",
+                           "stop " + " ".join(f"{PKG}@{n}.service" for n in range(2, 16)),
+                           f"--quiet --system restart {PKG}.target"]
+        # WHEN removed, THEN the target (and every tunnel, PartOf=) is stopped, then systemd reloads
+        # (postrm, and deb-systemd-helper after masking the unit)
+        assert calls_during(lambda: dpkg(root, "--remove", PKG)) == [
+            f"stop {PKG}.target", "--system daemon-reload", "daemon-reload"]
+        # WHEN a policy-rc.d forbids starting services, THEN the install does not start anything
+        dpkg(root, "--purge", PKG)
+        policy = root.path("/usr/sbin/policy-rc.d")
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+        assert calls_during(lambda: install(root, debs["v1"])) == ["--system daemon-reload"]
 
 
 # --------------------------------------------------------------------------------------------
