@@ -12,9 +12,17 @@ DIST        ?= dist
 PYTEST_ARGS ?=
 
 # Debian packages the tests drive for real (sshd, autossh, HAProxy, socat, MariaDB in network
-# namespaces; cloud-init's schema check; lintian and debootstrap for the on-prem package).
+# namespaces; PostgreSQL for the health checks; cloud-init's schema check; lintian, shellcheck,
+# strace and debootstrap for the on-prem package).
 TEST_DEBS := openssh-server openssh-client autossh haproxy socat mariadb-server mariadb-client postgresql openssl \
-             cloud-init lintian debootstrap dpkg-dev iproute2 nftables iptables systemd
+             cloud-init lintian debootstrap dpkg-dev iproute2 nftables iptables systemd shellcheck strace
+
+# The example on-prem packages: `make synth` builds them the way a user would after deploy, from
+# the example stack outputs. With another SPEC, name its hubs and outputs file (or leave empty).
+ifeq ($(SPEC),examples/hubs.yaml)
+ONPREM_HUBS ?= weu use
+endif
+ONPREM_OUTPUTS ?= examples/outputs.json
 
 .PHONY: synth test bench lab venv venv-test debs clean help
 
@@ -61,6 +69,9 @@ debs:
 
 synth: $(VENV)/.base-installed
 	$(VENV)/bin/tunnelhub synth $(SPEC) --out $(OUT)
+	@set -e; for hub in $(ONPREM_HUBS); do \
+	  $(VENV)/bin/tunnelhub onprem build-deb $(SPEC) --hub $$hub --outputs $(ONPREM_OUTPUTS) --out $(DIST); \
+	done
 
 test: $(VENV)/.test-installed $(VENV)-checkov/.installed debs
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -180,5 +180,83 @@ def render_userdata(spec: Path | None, hub_name: str, slot: int | None, out: Pat
         progress(f"wrote {out}")
 
 
+@main.group()
+def onprem() -> None:
+    """The on-prem tunnel host: its .deb of autossh units."""
+
+
+@onprem.command("build-deb")
+@spec_argument
+@click.option("--hub", "hub_name", metavar="NAME", help="The hub to build for (default: the spec's only hub).")
+@click.option(
+    "--outputs",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="The hub stack outputs: `cdktf output --outputs-file FILE` or `terraform output -json > FILE`.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("dist"),
+    show_default=True,
+    help="Where to write the .deb.",
+)
+@click.option(
+    "--trust-on-first-use",
+    is_flag=True,
+    help="Build without the hub host key: trust the key the proxies present on first connection (not pinned).",
+)
+@click.option(
+    "--version",
+    "package_version",
+    metavar="V",
+    help="The package version (default: <tunnelhub version>+<inputs date>.<content digest>-1).",
+)
+def build_deb(
+    spec: Path | None,
+    hub_name: str | None,
+    outputs: Path | None,
+    out: Path,
+    trust_on_first_use: bool,
+    package_version: str | None,
+) -> None:
+    """Build tunnelhub-<hub>_<version>_all.deb for the hub's on-prem tunnel host."""
+    from tunnelhub import onprem as O
+
+    spec_path = spec if spec is not None else default_spec_path()
+    loaded = load(spec_path)
+    if hub_name is None:
+        if len(loaded.hubs) != 1:
+            raise click.UsageError("the spec has several hubs (" + ", ".join(h.name for h in loaded.hubs)
+                                   + "): choose one with --hub NAME")
+        hub_name = loaded.hubs[0].name
+    try:
+        hub = loaded.hub(hub_name)
+        stack_outputs = O.read_outputs(outputs, hub.stack_name) if outputs is not None else None
+        built = O.build_deb(
+            hub,
+            stack_outputs,
+            out,
+            trust_on_first_use=trust_on_first_use,
+            version=package_version,
+            source_date_epoch=O.inputs_epoch(spec_path, outputs),
+        )
+    except (S.SpecError, O.OnpremError) as exc:
+        raise click.ClickException(str(exc)) from None
+    plan = built.plan
+    for warning in plan.warnings:
+        click.echo(f"tunnelhub: {warning}", err=True)
+    click.echo(f"built {built.path} ({built.package} {built.version})")
+    for slot, endpoint in enumerate(plan.endpoints):
+        click.echo(f"  slot {slot}: {endpoint}")
+    click.echo(f"  addresses from {plan.endpoints_source}")
+    for fwd in plan.forwards:
+        click.echo(f"  tunnel {fwd.route}: -R {fwd.remote_forward}")
+    if plan.host_key is not None:
+        click.echo(f"  hub host key pinned: {plan.host_key.fingerprint}")
+    else:
+        click.echo("  hub host key NOT pinned: trusted on first use (--trust-on-first-use)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
