@@ -7,7 +7,7 @@ top: a spec with only Azure hubs never loads the AWS bindings.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdktf import (
     App,
@@ -16,14 +16,20 @@ from cdktf import (
     NamedCloudWorkspace,
     TerraformOutput,
     TerraformProvider,
+    TerraformProviderGeneratorMetadata,
     TerraformStack,
 )
 from constructs import Construct
 
 from tunnelhub import spec as S
 
+if TYPE_CHECKING:
+    from tunnelhub.constructs.databricks_link import EndpointTarget
+
 DATABRICKS_ACCOUNT_ALIAS = "account"
 DATABRICKS_WORKSPACE_ALIAS = "workspace"
+AZAPI_PROVIDER_VERSION = "~> 2.4"
+TIME_PROVIDER_VERSION = "~> 0.12"
 
 
 class HubStack(TerraformStack):
@@ -113,6 +119,56 @@ def _databricks_providers(stack: TerraformStack, hub: S.Hub) -> tuple[TerraformP
         host=hub.databricks.workspace_host,
     )
     return account, workspace
+
+
+def _approval_providers(stack: TerraformStack, hub: S.Hub) -> tuple[TerraformProvider, TerraformProvider | None]:
+    """hashicorp/time (the wait before the endpoint lookup) and, on Azure, Azure/azapi (the PLS
+    approval): raw providers, since neither has a prebuilt binding here. azapi authenticates like
+    azurerm (``ARM_*`` variables, or the Azure CLI login), time needs nothing."""
+    time = TerraformProvider(
+        stack,
+        "time",
+        terraform_resource_type="time",
+        terraform_provider_source="hashicorp/time",
+        terraform_generator_metadata=TerraformProviderGeneratorMetadata(
+            provider_name="time", provider_version_constraint=TIME_PROVIDER_VERSION
+        ),
+    )
+    azapi = None
+    if hub.cloud == "azure":
+        azapi = TerraformProvider(
+            stack,
+            "azapi",
+            terraform_resource_type="azapi",
+            terraform_provider_source="Azure/azapi",
+            terraform_generator_metadata=TerraformProviderGeneratorMetadata(
+                provider_name="azapi", provider_version_constraint=AZAPI_PROVIDER_VERSION
+            ),
+        )
+    return time, azapi
+
+
+def add_databricks_link(stack: HubStack, hub: S.Hub, target: EndpointTarget) -> Construct:
+    """The hub's Databricks wiring (``DatabricksLink``, id ``databricks``) against ``target``, an
+    ``AzureEndpointTarget`` / ``AwsEndpointTarget`` built from the hub construct's attributes.
+    Creates the approval providers it needs when ``serverless_enabled``."""
+    from tunnelhub.constructs.databricks_link import DatabricksLink, DatabricksLinkProps
+
+    assert hub.databricks is not None and stack.databricks_account is not None
+    assert stack.databricks_workspace is not None
+    time, azapi = _approval_providers(stack, hub) if hub.databricks.serverless_enabled else (None, None)
+    return DatabricksLink(
+        stack,
+        "databricks",
+        DatabricksLinkProps(
+            hub=hub,
+            account_provider=stack.databricks_account,
+            workspace_provider=stack.databricks_workspace,
+            target=target,
+            time_provider=time,
+            azapi_provider=azapi,
+        ),
+    )
 
 
 def _add_hub_constructs(stack: HubStack, hub: S.Hub) -> None:
