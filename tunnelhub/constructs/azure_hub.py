@@ -70,9 +70,11 @@ from cdktf_cdktf_provider_tls.private_key import PrivateKey
 from constructs import Construct
 
 from tunnelhub import spec as S
+from tunnelhub.userdata import AZURE_HOST_KEY_TAG, render_cloud_init
 
-HOST_KEY_TAG = "tunnelhub-host-key-secret"
-"""VM tag holding the versionless URL of the Key Vault secret with the hub SSH host key."""
+HOST_KEY_TAG = AZURE_HOST_KEY_TAG
+"""VM tag holding the versionless URL of the Key Vault secret with the hub SSH host key (the
+proxy's boot script reads it from the instance metadata service)."""
 HUB_TAG = "tunnelhub:hub"
 UBUNTU_IMAGE = {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server", "version": "latest"}
 LB_FRONTEND_NAME = "frontend"
@@ -608,8 +610,6 @@ def _output(scope: Construct, name: str, value: object, description: str) -> Non
 
 def _custom_data(hub: S.Hub, slot: int) -> str:
     """The proxy's cloud-init, base64-encoded (``custom_data`` takes base64)."""
-    from tunnelhub.userdata import render_cloud_init
-
     return render_cloud_init(hub, slot).base64
 
 
