@@ -164,7 +164,7 @@ def test_resource_group_vnet_and_the_two_subnets(weu):
 
 
 def test_nsg_allows_exactly_ssh_routes_and_health_then_denies_everything(weu):
-    nsg_name, nsg = by_path(weu, "azurerm_network_security_group", "/proxy_nsg")
+    nsg_name, _nsg = by_path(weu, "azurerm_network_security_group", "/proxy_nsg")
     rules = {r["name"]: r for r in of_type(weu, "azurerm_network_security_rule").values()}
     for r in rules.values():
         assert r["network_security_group_name"] == ref("azurerm_network_security_group", nsg_name, "name")
@@ -225,7 +225,7 @@ def test_proxy_vms_static_ips_zones_image_and_hardening(weu, hub):
 
     vms = of_type(weu, "azurerm_linux_virtual_machine")
     assert len(vms) == 2
-    _, pool = one(weu, "azurerm_lb_backend_address_pool")
+    _, _pool = one(weu, "azurerm_lb_backend_address_pool")
     pool_name = next(iter(of_type(weu, "azurerm_lb_backend_address_pool")))
     for slot, (address, zone) in enumerate((("10.60.0.5", "1"), ("10.60.0.6", "2"))):
         nic_name, nic = by_path(weu, "azurerm_network_interface", f"/slot{slot}/nic")
@@ -315,7 +315,7 @@ def test_no_private_key_material_in_the_stack_or_in_any_custom_data(example, weu
 
 
 def test_internal_standard_lb_with_a_static_frontend_in_the_proxy_subnet(weu):
-    lb_name, lb = one(weu, "azurerm_lb")
+    _lb_name, lb = one(weu, "azurerm_lb")
     assert lb["sku"] == "Standard"
     (frontend,) = lb["frontend_ip_configuration"]
     proxy_subnet, _ = by_path(weu, "azurerm_subnet", "/proxy_subnet")
@@ -450,14 +450,23 @@ def test_existing_vnet_no_egress_no_zones_generated_admin_key(alt):
     assert peering["remote_virtual_network_id"].startswith(f"/subscriptions/{WORKSPACE_SUB}/")
 
 
-def test_remote_peering_into_another_subscription_is_refused_at_synth(tmp_path):
+ECDSA_KEY = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBG6+PLK6iTYIQIcaJpWPBRJ6Uv4kCJdd6UjDvOTpRYjGslamstg8M1Auhvl5kuWhbq0aAOJNd7wwAmLoOKMP+h4= admin@test"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h: h["databricks"]["classic"].update(network_id=(
+        f"/subscriptions/{WORKSPACE_SUB}/resourceGroups/dbx-rg/providers/Microsoft.Network/virtualNetworks/dbx-vnet")),
+     (r"databricks\.classic\.remote_peering_enabled = true: the workspace VNet is in subscription 99999999-.*"
+     r"set remote_peering_enabled: false")),
+    (lambda h: h["proxies"].update(admin_ssh_public_keys=[ECDSA_KEY]),
+     r"proxies\.admin_ssh_public_keys\[0\] = 'ecdsa-sha2-nistp256': Azure VMs accept only ssh-ed25519 and ssh-rsa"),
+], ids=["remote-peering-in-another-subscription", "ecdsa-admin-key"])
+def test_what_azure_cannot_build_is_a_spec_error_before_any_output(tmp_path, change, message):
     from tunnelhub.synth import synthesize
 
     hub = example_hub_dict()
-    hub["databricks"]["classic"]["network_id"] = (
-        f"/subscriptions/{WORKSPACE_SUB}/resourceGroups/dbx-rg/providers/Microsoft.Network/virtualNetworks/dbx-vnet")
-    with pytest.raises(SpecError, match=r"databricks\.classic\.remote_peering_enabled = true: the workspace VNet is in "
-                                        r"subscription 99999999-.*set remote_peering_enabled: false"):
+    change(hub)
+    with pytest.raises(SpecError, match=message):
         synthesize(validate_text(spec_text(hub), "test.yaml").spec, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

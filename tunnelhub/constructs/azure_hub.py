@@ -79,6 +79,8 @@ HUB_TAG = "tunnelhub:hub"
 UBUNTU_IMAGE = {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server", "version": "latest"}
 LB_FRONTEND_NAME = "frontend"
 NIC_IP_CONFIGURATION_NAME = "primary"
+AZURE_ADMIN_KEY_TYPES = ("ssh-ed25519", "ssh-rsa")
+"""The admin key types Azure accepts for a Linux VM (the spec allows more for the tunnel keys)."""
 KEY_VAULT_SECRETS_USER = "Key Vault Secrets User"
 KEY_VAULT_SECRETS_OFFICER = "Key Vault Secrets Officer"
 
@@ -150,110 +152,131 @@ class AzureHub(Construct):
         super().__init__(scope, id)
         hub = props.hub
         _check(hub)
-        plan = hub.azure_addresses()
-        settings = hub.azure or S.AzureSettings()
-        tags = {HUB_TAG: hub.name, **hub.tags}
         self._hub = hub
-
-        self.location: str = hub.region
-        group = ResourceGroup(
+        self._plan = hub.azure_addresses()
+        self._settings = hub.azure or S.AzureSettings()
+        self._tags = {HUB_TAG: hub.name, **hub.tags}
+        self._group = ResourceGroup(
             self,
             "resource_group",
-            name=settings.resource_group if settings.resource_group is not None else f"{hub.name}-rg",
+            name=self._settings.resource_group if self._settings.resource_group is not None else f"{hub.name}-rg",
             location=hub.region,
-            tags=tags,
+            tags=self._tags,
         )
-        self.resource_group_name: str = group.name
-        client = DataAzurermClientConfig(self, "client_config")
+        self._client = DataAzurermClientConfig(self, "client_config")
 
-        # -- network ------------------------------------------------------------------------
+        self.location: str = hub.region
+        self.resource_group_name: str = self._group.name
+        self._network()  # sets vnet_id, vnet_name, proxy_subnet_id
+        boot_prerequisites = [self._proxy_nsg()]
+        self.nat_public_ip: str | None = None
+        if hub.egress == "nat_gateway":
+            boot_prerequisites.append(self._nat_egress())  # sets nat_public_ip
+        host_key_secret, admin_keys = self._identity()  # sets host_public_key
+        pool = self._load_balancer()  # sets lb_frontend_ip, pls_id, pls_alias
+        self._proxies(pool, host_key_secret, admin_keys, boot_prerequisites)  # sets proxy_private_ips
+        if hub.databricks is not None and hub.databricks.classic is not None:
+            self._peering(hub.databricks.classic)
+        self._outputs()
+
+    # -- network ----------------------------------------------------------------------------
+
+    def _network(self) -> None:
+        """The VNet and its two subnets: created from ``network.cidr``, or the existing ones."""
+        hub, plan, group = self._hub, self._plan, self._group
         net = Construct(self, "network")
+        self._net = net
         existing = hub.network.existing_vnet
-        if existing is None:
-            vnet = VirtualNetwork(
-                net,
-                "vnet",
-                name=f"{hub.name}-vnet",
-                resource_group_name=group.name,
-                location=hub.region,
-                address_space=[str(hub.network.cidr)],
-                tags=tags,
-            )
-            proxy_subnet = Subnet(
-                net,
-                "proxy_subnet",
-                name="proxies",
-                resource_group_name=group.name,
-                virtual_network_name=vnet.name,
-                address_prefixes=[str(plan.proxy_subnet)],
-                default_outbound_access_enabled=False,
-            )
-            pls_subnet = Subnet(
-                net,
-                "pls_nat_subnet",
-                name="pls-nat",
-                resource_group_name=group.name,
-                virtual_network_name=vnet.name,
-                address_prefixes=[str(plan.pls_nat_subnet)],
-                private_link_service_network_policies_enabled=False,
-                default_outbound_access_enabled=False,
-            )
-            # No NIC lives in the PLS NAT subnet and NSGs do not filter Private Link NAT traffic;
-            # an NSG with Azure's default rules keeps "every subnet has an NSG" policies satisfied.
-            pls_nsg = NetworkSecurityGroup(
-                net,
-                "pls_nat_nsg",
-                name=f"{hub.name}-pls-nat-nsg",
-                resource_group_name=group.name,
-                location=hub.region,
-                tags=tags,
-            )
-            SubnetNetworkSecurityGroupAssociation(
-                net, "pls_nat_nsg_association", subnet_id=pls_subnet.id, network_security_group_id=pls_nsg.id
-            )
-            self.vnet_id: str = vnet.id
-            self.vnet_name: str = vnet.name
-            vnet_group: str = group.name
-            self.proxy_subnet_id: str = proxy_subnet.id
-            pls_subnet_id: str = pls_subnet.id
-            pls_nat_prefixes: list[str] = [str(plan.pls_nat_subnet)]
-        else:
+        if existing is not None:
             vnet_parts = parse_network_id(existing.vnet_id)
             pls_parts = parse_network_id(existing.pls_nat_subnet_id)
             assert vnet_parts is not None and pls_parts is not None and pls_parts.subnet_name  # checked in _check
-            self.vnet_id = existing.vnet_id
-            self.vnet_name = vnet_parts.vnet_name
-            vnet_group = vnet_parts.resource_group
-            self.proxy_subnet_id = existing.proxy_subnet_id
-            pls_subnet_id = existing.pls_nat_subnet_id
+            self.vnet_id: str = existing.vnet_id
+            self.vnet_name: str = vnet_parts.vnet_name
+            self._vnet_group: str = vnet_parts.resource_group
+            self.proxy_subnet_id: str = existing.proxy_subnet_id
+            self._pls_subnet_id: str = existing.pls_nat_subnet_id
             # The spec names the PLS NAT subnet by id only: read its ranges for the NSG.
-            pls_lookup = DataAzurermSubnet(
+            lookup = DataAzurermSubnet(
                 net,
                 "pls_nat_subnet",
                 name=pls_parts.subnet_name,
                 virtual_network_name=pls_parts.vnet_name,
                 resource_group_name=pls_parts.resource_group,
             )
-            pls_nat_prefixes = pls_lookup.address_prefixes  # a token list
-
-        # -- NSG on the proxy subnet --------------------------------------------------------
-        nsg = NetworkSecurityGroup(
+            self._pls_nat_prefixes: list[str] = lookup.address_prefixes  # a token list
+            return
+        vnet = VirtualNetwork(
             net,
+            "vnet",
+            name=f"{hub.name}-vnet",
+            resource_group_name=group.name,
+            location=hub.region,
+            address_space=[str(hub.network.cidr)],
+            tags=self._tags,
+        )
+        proxy_subnet = Subnet(
+            net,
+            "proxy_subnet",
+            name="proxies",
+            resource_group_name=group.name,
+            virtual_network_name=vnet.name,
+            address_prefixes=[str(plan.proxy_subnet)],
+            default_outbound_access_enabled=False,
+        )
+        pls_subnet = Subnet(
+            net,
+            "pls_nat_subnet",
+            name="pls-nat",
+            resource_group_name=group.name,
+            virtual_network_name=vnet.name,
+            address_prefixes=[str(plan.pls_nat_subnet)],
+            private_link_service_network_policies_enabled=False,
+            default_outbound_access_enabled=False,
+        )
+        # No NIC lives in the PLS NAT subnet and NSGs do not filter Private Link NAT traffic;
+        # an NSG with Azure's default rules keeps "every subnet has an NSG" policies satisfied.
+        pls_nsg = NetworkSecurityGroup(
+            net,
+            "pls_nat_nsg",
+            name=f"{hub.name}-pls-nat-nsg",
+            resource_group_name=group.name,
+            location=hub.region,
+            tags=self._tags,
+        )
+        SubnetNetworkSecurityGroupAssociation(
+            net, "pls_nat_nsg_association", subnet_id=pls_subnet.id, network_security_group_id=pls_nsg.id
+        )
+        self.vnet_id = vnet.id
+        self.vnet_name = vnet.name
+        self._vnet_group = group.name
+        self.proxy_subnet_id = proxy_subnet.id
+        self._pls_subnet_id = pls_subnet.id
+        self._pls_nat_prefixes = [str(plan.pls_nat_subnet)]
+
+    def _proxy_nsg(self) -> SubnetNetworkSecurityGroupAssociation:
+        """The proxy subnet's NSG: what may reach the proxies, and nothing else."""
+        hub, group = self._hub, self._group
+        nsg = NetworkSecurityGroup(
+            self._net,
             "proxy_nsg",
             name=f"{hub.name}-proxies-nsg",
             resource_group_name=group.name,
             location=hub.region,
-            tags=tags,
+            tags=self._tags,
         )
-        proxy_cidr = str(plan.proxy_subnet)
         classic = [str(c) for c in hub.databricks.classic.cidrs] if hub.databricks and hub.databricks.classic else []
-        rules = Construct(net, "nsg_rules")
+        if hub.network.existing_vnet is not None:
+            route_sources = Token.as_list(Fn.concat([classic, self._pls_nat_prefixes]))
+        else:
+            route_sources = classic + self._pls_nat_prefixes
+        rules = Construct(self._net, "nsg_rules")
         common = {
             "network_security_group_name": nsg.name,
             "resource_group_name": group.name,
             "direction": "Inbound",
             "source_port_range": "*",
-            "destination_address_prefix": proxy_cidr,
+            "destination_address_prefix": str(self._plan.proxy_subnet),
         }
         NetworkSecurityRule(
             rules,
@@ -275,9 +298,7 @@ class AzureHub(Construct):
             priority=PRIORITY_ROUTES,
             access="Allow",
             protocol="Tcp",
-            source_address_prefixes=(
-                Token.as_list(Fn.concat([classic, pls_nat_prefixes])) if existing else classic + pls_nat_prefixes
-            ),
+            source_address_prefixes=route_sources,
             destination_port_ranges=[str(r.port) for r in sorted(hub.routes, key=lambda r: r.port)],
             **common,
         )
@@ -305,45 +326,47 @@ class AzureHub(Construct):
             destination_port_range="*",
             **{**common, "destination_address_prefix": "*"},
         )
-        nsg_association = SubnetNetworkSecurityGroupAssociation(
-            net, "proxy_nsg_association", subnet_id=self.proxy_subnet_id, network_security_group_id=nsg.id
+        return SubnetNetworkSecurityGroupAssociation(
+            self._net, "proxy_nsg_association", subnet_id=self.proxy_subnet_id, network_security_group_id=nsg.id
         )
-        boot_prerequisites: list = [nsg_association]
 
-        # -- egress ------------------------------------------------------------------------
-        self.nat_public_ip: str | None = None
-        if hub.egress == "nat_gateway":
-            egress = Construct(self, "egress")
-            public_ip = PublicIp(
-                egress,
-                "public_ip",
-                name=f"{hub.name}-nat-pip",
-                resource_group_name=group.name,
-                location=hub.region,
-                allocation_method="Static",
-                sku="Standard",
-                zones=list(S.DEFAULT_AZURE_ZONES) if hub.zones else None,
-                tags=tags,
-            )
-            nat = NatGateway(
-                egress,
-                "nat_gateway",
-                name=f"{hub.name}-nat",
-                resource_group_name=group.name,
-                location=hub.region,
-                sku_name="Standard",
-                tags=tags,
-            )
-            NatGatewayPublicIpAssociation(
-                egress, "public_ip_association", nat_gateway_id=nat.id, public_ip_address_id=public_ip.id
-            )
-            nat_association = SubnetNatGatewayAssociation(
-                egress, "subnet_association", subnet_id=self.proxy_subnet_id, nat_gateway_id=nat.id
-            )
-            boot_prerequisites.append(nat_association)
-            self.nat_public_ip = public_ip.ip_address
+    def _nat_egress(self) -> SubnetNatGatewayAssociation:
+        """A NAT gateway with a static public IP on the proxy subnet."""
+        hub, group = self._hub, self._group
+        egress = Construct(self, "egress")
+        public_ip = PublicIp(
+            egress,
+            "public_ip",
+            name=f"{hub.name}-nat-pip",
+            resource_group_name=group.name,
+            location=hub.region,
+            allocation_method="Static",
+            sku="Standard",
+            zones=list(S.DEFAULT_AZURE_ZONES) if hub.zones else None,
+            tags=self._tags,
+        )
+        nat = NatGateway(
+            egress,
+            "nat_gateway",
+            name=f"{hub.name}-nat",
+            resource_group_name=group.name,
+            location=hub.region,
+            sku_name="Standard",
+            tags=self._tags,
+        )
+        NatGatewayPublicIpAssociation(
+            egress, "public_ip_association", nat_gateway_id=nat.id, public_ip_address_id=public_ip.id
+        )
+        self.nat_public_ip = public_ip.ip_address
+        return SubnetNatGatewayAssociation(
+            egress, "subnet_association", subnet_id=self.proxy_subnet_id, nat_gateway_id=nat.id
+        )
 
-        # -- host identity and admin key ----------------------------------------------------
+    # -- host identity ----------------------------------------------------------------------
+
+    def _identity(self) -> tuple[KeyVaultSecret, list[str]]:
+        """The Key Vault, the hub host key secret, and the admin keys the VMs get."""
+        hub, group = self._hub, self._group
         identity = Construct(self, "identity")
         vault = KeyVault(
             identity,
@@ -352,21 +375,21 @@ class AzureHub(Construct):
             name=f"{hub.name}-{Fn.substr(Fn.sha1(group.id), 0, 7)}",
             resource_group_name=group.name,
             location=hub.region,
-            tenant_id=client.tenant_id,
+            tenant_id=self._client.tenant_id,
             sku_name="standard",
             rbac_authorization_enabled=True,
             purge_protection_enabled=True,
             soft_delete_retention_days=90,
             public_network_access_enabled=True,
             network_acls=KeyVaultNetworkAcls(bypass="AzureServices", default_action="Allow"),
-            tags=tags,
+            tags=self._tags,
         )
         deployer_access = RoleAssignment(
             identity,
             "deployer_secrets_officer",
             scope=vault.id,
             role_definition_name=KEY_VAULT_SECRETS_OFFICER,
-            principal_id=client.object_id,
+            principal_id=self._client.object_id,
             description="Lets the identity running Terraform write the hub's secrets.",
         )
         host_key = PrivateKey(identity, "host_key", algorithm="ED25519")
@@ -377,26 +400,31 @@ class AzureHub(Construct):
             key_vault_id=vault.id,
             value=host_key.private_key_openssh,
             content_type="openssh-private-key",
-            tags=tags,
+            tags=self._tags,
             depends_on=[deployer_access],
         )
         self.host_public_key: str = host_key.public_key_openssh
-        admin_keys: list[str] = list(hub.proxies.admin_ssh_public_keys)
-        if not admin_keys:
-            admin_key = PrivateKey(identity, "admin_key", algorithm="ED25519")
-            KeyVaultSecret(
-                identity,
-                "admin_key_secret",
-                name="proxy-admin-ssh-key",
-                key_vault_id=vault.id,
-                value=admin_key.private_key_openssh,
-                content_type="openssh-private-key",
-                tags=tags,
-                depends_on=[deployer_access],
-            )
-            admin_keys = [admin_key.public_key_openssh]
+        if hub.proxies.admin_ssh_public_keys:
+            return host_key_secret, list(hub.proxies.admin_ssh_public_keys)
+        # Azure needs one admin key: generate it, keep the private half in the vault only.
+        admin_key = PrivateKey(identity, "admin_key", algorithm="ED25519")
+        KeyVaultSecret(
+            identity,
+            "admin_key_secret",
+            name="proxy-admin-ssh-key",
+            key_vault_id=vault.id,
+            value=admin_key.private_key_openssh,
+            content_type="openssh-private-key",
+            tags=self._tags,
+            depends_on=[deployer_access],
+        )
+        return host_key_secret, [admin_key.public_key_openssh]
 
-        # -- load balancer -------------------------------------------------------------------
+    # -- load balancer and Private Link Service ---------------------------------------------
+
+    def _load_balancer(self) -> LbBackendAddressPool:
+        """The internal Standard LB (a probe and a rule per route) and the PLS on its frontend."""
+        hub, group = self._hub, self._group
         lb_scope = Construct(self, "load_balancer")
         lb = Lb(
             lb_scope,
@@ -410,12 +438,12 @@ class AzureHub(Construct):
                     name=LB_FRONTEND_NAME,
                     subnet_id=self.proxy_subnet_id,
                     private_ip_address_allocation="Static",
-                    private_ip_address=str(plan.lb_frontend_ip),
+                    private_ip_address=str(self._plan.lb_frontend_ip),
                     private_ip_address_version="IPv4",
                     zones=list(S.DEFAULT_AZURE_ZONES) if hub.zones else None,
                 )
             ],
-            tags=tags,
+            tags=self._tags,
         )
         pool = LbBackendAddressPool(lb_scope, "backend_pool", name="proxies", loadbalancer_id=lb.id)
         for route in hub.routes:
@@ -449,8 +477,6 @@ class AzureHub(Construct):
                 disable_outbound_snat=True,
                 load_distribution="Default",
             )
-        self.lb_frontend_ip: str = str(plan.lb_frontend_ip)
-
         pls = PrivateLinkService(
             lb_scope,
             "private_link_service",
@@ -459,19 +485,31 @@ class AzureHub(Construct):
             location=hub.region,
             load_balancer_frontend_ip_configuration_ids=[lb.frontend_ip_configuration.get(0).id],
             nat_ip_configuration=[
-                PrivateLinkServiceNatIpConfiguration(name="pls-nat", subnet_id=pls_subnet_id, primary=True)
+                PrivateLinkServiceNatIpConfiguration(name="pls-nat", subnet_id=self._pls_subnet_id, primary=True)
             ],
-            visibility_subscription_ids=list(settings.pls_visibility_subscription_ids) or None,
-            auto_approval_subscription_ids=list(settings.pls_auto_approval_subscription_ids) or None,
-            tags=tags,
+            visibility_subscription_ids=list(self._settings.pls_visibility_subscription_ids) or None,
+            auto_approval_subscription_ids=list(self._settings.pls_auto_approval_subscription_ids) or None,
+            tags=self._tags,
         )
+        self.lb_frontend_ip: str = str(self._plan.lb_frontend_ip)
         self.pls_id: str = pls.id
         self.pls_alias: str = pls.alias
+        return pool
 
-        # -- proxies ------------------------------------------------------------------------
+    # -- proxies ----------------------------------------------------------------------------
+
+    def _proxies(
+        self,
+        pool: LbBackendAddressPool,
+        host_key_secret: KeyVaultSecret,
+        admin_keys: list[str],
+        boot_prerequisites: list,
+    ) -> None:
+        """One NIC, VM, pool association and host-key role assignment per slot."""
+        hub, group = self._hub, self._group
         proxies = Construct(self, "proxies")
         zones = hub.zones or []
-        self.proxy_private_ips: list[str] = [str(ip) for ip in plan.proxy_ips]
+        self.proxy_private_ips: list[str] = [str(ip) for ip in self._plan.proxy_ips]
         for slot, address in enumerate(self.proxy_private_ips):
             at = Construct(proxies, f"slot{slot}")
             name = f"{hub.name}-proxy-{slot}"
@@ -493,7 +531,7 @@ class AzureHub(Construct):
                         primary=True,
                     )
                 ],
-                tags=tags,
+                tags=self._tags,
             )
             NetworkInterfaceBackendAddressPoolAssociation(
                 at,
@@ -522,14 +560,14 @@ class AzureHub(Construct):
                 os_disk=LinuxVirtualMachineOsDisk(
                     name=f"{name}-os", caching="ReadWrite", storage_account_type="StandardSSD_LRS"
                 ),
-                custom_data=_custom_data(hub, slot),
+                custom_data=render_cloud_init(hub, slot).base64,
                 identity=LinuxVirtualMachineIdentity(type="SystemAssigned"),
                 boot_diagnostics=LinuxVirtualMachineBootDiagnostics(),
                 encryption_at_host_enabled=True,
                 secure_boot_enabled=True,
                 vtpm_enabled=True,
                 allow_extension_operations=False,
-                tags={**tags, HOST_KEY_TAG: host_key_secret.versionless_id},
+                tags={**self._tags, HOST_KEY_TAG: host_key_secret.versionless_id},
                 # Cloud-init installs packages at first boot: egress and the NSG come first.
                 depends_on=boot_prerequisites,
             )
@@ -543,52 +581,58 @@ class AzureHub(Construct):
                 description=f"{name} reads the hub SSH host key at boot.",
             )
 
-        # -- peering with the Databricks classic compute VNet ---------------------------------
-        if hub.databricks is not None and hub.databricks.classic is not None:
-            workspace_vnet_id = hub.databricks.classic.network_id
-            workspace = parse_network_id(workspace_vnet_id)
-            assert workspace is not None  # checked in _check
-            peering = Construct(self, "peering")
-            VirtualNetworkPeering(
-                peering,
-                "hub_to_workspace",
-                name=f"{hub.name}-to-databricks",
-                resource_group_name=vnet_group,
-                virtual_network_name=self.vnet_name,
-                remote_virtual_network_id=workspace_vnet_id,
-                allow_virtual_network_access=True,
-                allow_forwarded_traffic=False,
-                allow_gateway_transit=False,
-                use_remote_gateways=False,
-            )
-            if hub.databricks.classic.remote_peering_enabled:
-                hub_vnet_id = self.vnet_id
-                VirtualNetworkPeering(
-                    peering,
-                    "workspace_to_hub",
-                    name=f"databricks-to-{hub.name}",
-                    resource_group_name=workspace.resource_group,
-                    virtual_network_name=workspace.vnet_name,
-                    remote_virtual_network_id=hub_vnet_id,
-                    allow_virtual_network_access=True,
-                    allow_forwarded_traffic=False,
-                    allow_gateway_transit=False,
-                    use_remote_gateways=False,
-                    lifecycle=TerraformResourceLifecycle(
-                        precondition=[
-                            Precondition(
-                                condition=Op.eq(Fn.lower(client.subscription_id), workspace.subscription_id),
-                                error_message=(
-                                    f"The Databricks workspace VNet is in subscription {workspace.subscription_id}, "
-                                    "not the one this stack deploys to: set databricks.classic."
-                                    "remote_peering_enabled: false and create the workspace-side peering there."
-                                ),
-                            )
-                        ]
-                    ),
-                )
+    # -- peering ----------------------------------------------------------------------------
 
-        # -- stack outputs ------------------------------------------------------------------
+    def _peering(self, classic: S.ClassicCompute) -> None:
+        """Hub VNet ↔ Databricks workspace VNet (the workspace half only when enabled)."""
+        hub = self._hub
+        workspace = parse_network_id(classic.network_id)
+        assert workspace is not None  # checked in _check
+        peering = Construct(self, "peering")
+        VirtualNetworkPeering(
+            peering,
+            "hub_to_workspace",
+            name=f"{hub.name}-to-databricks",
+            resource_group_name=self._vnet_group,
+            virtual_network_name=self.vnet_name,
+            remote_virtual_network_id=classic.network_id,
+            allow_virtual_network_access=True,
+            allow_forwarded_traffic=False,
+            allow_gateway_transit=False,
+            use_remote_gateways=False,
+        )
+        if not classic.remote_peering_enabled:
+            return
+        VirtualNetworkPeering(
+            peering,
+            "workspace_to_hub",
+            name=f"databricks-to-{hub.name}",
+            resource_group_name=workspace.resource_group,
+            virtual_network_name=workspace.vnet_name,
+            remote_virtual_network_id=self.vnet_id,
+            allow_virtual_network_access=True,
+            allow_forwarded_traffic=False,
+            allow_gateway_transit=False,
+            use_remote_gateways=False,
+            # The provider creates it in the stack's subscription: refuse to plan a wrong one.
+            lifecycle=TerraformResourceLifecycle(
+                precondition=[
+                    Precondition(
+                        condition=Op.eq(Fn.lower(self._client.subscription_id), workspace.subscription_id),
+                        error_message=(
+                            f"The Databricks workspace VNet is in subscription {workspace.subscription_id}, "
+                            "not the one this stack deploys to: set databricks.classic.remote_peering_enabled: "
+                            "false and create the workspace-side peering there."
+                        ),
+                    )
+                ]
+            ),
+        )
+
+    # -- stack outputs ----------------------------------------------------------------------
+
+    def _outputs(self) -> None:
+        """The named stack outputs the on-prem builder and the Databricks wiring read."""
         outputs = Construct(self, "outputs")
         _output(outputs, "lb_frontend_ip", self.lb_frontend_ip,
                 "Static private address of the internal load balancer frontend (what classic compute connects to).")
@@ -608,17 +652,17 @@ def _output(scope: Construct, name: str, value: object, description: str) -> Non
     TerraformOutput(scope, name, value=value, description=description, static_id=True)
 
 
-def _custom_data(hub: S.Hub, slot: int) -> str:
-    """The proxy's cloud-init, base64-encoded (``custom_data`` takes base64)."""
-    return render_cloud_init(hub, slot).base64
-
-
 def _check(hub: S.Hub) -> None:
     """Rules that only an Azure hub stack needs (the spec validates everything else)."""
     issues: list[S.SpecIssue] = []
     if hub.cloud != "azure":
         issues.append(S.SpecIssue(("cloud",), f"AzureHub builds azure hubs only; this hub has cloud: {hub.cloud}",
                                   hub.cloud, hub.name))
+    for k, key in enumerate(hub.proxies.admin_ssh_public_keys):
+        if key.split(" ", 1)[0] not in AZURE_ADMIN_KEY_TYPES:
+            issues.append(S.SpecIssue(("proxies", "admin_ssh_public_keys", k), "Azure VMs accept only ssh-ed25519 "
+                                      "and ssh-rsa admin keys; give one of those (ssh-keygen -t ed25519)",
+                                      key.split(" ", 1)[0], hub.name))
     existing = hub.network.existing_vnet
     if existing is not None:
         for key in ("vnet_id", "proxy_subnet_id", "pls_nat_subnet_id"):
