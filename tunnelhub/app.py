@@ -38,6 +38,8 @@ class HubStack(TerraformStack):
     Attributes set for the constructs (constructs never create providers themselves):
     ``hub`` (the resolved spec), ``cloud_provider`` (azurerm or aws), ``tls_provider``, and, when
     the hub has a ``databricks`` section, ``databricks_account`` / ``databricks_workspace``.
+    ``hub_construct`` is the cloud hub construct (``AzureHub``) once built, for the Databricks
+    wiring to read its documented attributes.
     """
 
     def __init__(self, scope: Construct, hub: S.Hub):
@@ -45,6 +47,7 @@ class HubStack(TerraformStack):
         self.hub = hub
         self.databricks_account: TerraformProvider | None = None
         self.databricks_workspace: TerraformProvider | None = None
+        self.hub_construct: Construct | None = None
         _configure_backend(self, hub)
         if hub.cloud == "azure":
             self.cloud_provider = _azure_provider(self, hub)
@@ -173,6 +176,14 @@ def add_databricks_link(stack: HubStack, hub: S.Hub, target: EndpointTarget) -> 
 
 def _add_hub_constructs(stack: HubStack, hub: S.Hub) -> None:
     """The hub's cloud resources and its Databricks wiring (filled in by the hub constructs)."""
+    if hub.cloud == "azure":
+        _add_azure_hub(stack, hub)
+
+
+def _add_azure_hub(stack: HubStack, hub: S.Hub) -> None:
+    from tunnelhub.constructs.azure_hub import AzureHub, AzureHubProps
+
+    stack.hub_construct = AzureHub(stack, "hub", AzureHubProps(hub=hub))
 
 
 def new_app(**app_kwargs: Any) -> App:
