@@ -128,5 +128,57 @@ def synth(spec: Path | None, hubs: tuple[str, ...], out: Path, jobs: int | None,
     click.echo(f"manifest: {Path(out).resolve() / 'manifest.json'}")
 
 
+@main.command("render-userdata")
+@spec_argument
+@click.option("--hub", "hub_name", required=True, metavar="NAME", help="The hub whose proxies to render.")
+@click.option("--slot", type=click.IntRange(min=0), metavar="N",
+              help="Azure: the proxy index (0 to proxies.count - 1). AWS: not used (slots are assigned at boot).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Write the cloud-config here instead of stdout.")
+def render_userdata(spec: Path | None, hub_name: str, slot: int | None, out: Path | None) -> None:
+    """Print the cloud-init (cloud-config YAML) of a hub's proxy; size and gzip decision to stderr."""
+    from tunnelhub.userdata import UserDataError, render_cloud_init
+
+    loaded = load(spec)
+    hub = next((h for h in loaded.hubs if h.name == hub_name), None)
+    if hub is None:
+        raise click.BadParameter(
+            f"no hub named {hub_name!r}; hubs in this spec: {', '.join(h.name for h in loaded.hubs)}",
+            param_hint="--hub",
+        )
+    if hub.cloud == "azure" and slot is None:
+        raise click.UsageError(
+            f"hub {hub.name} is an azure hub: give --slot N, the proxy index from 0 to {hub.proxies.count - 1}"
+        )
+    if hub.cloud == "azure" and slot >= hub.proxies.count:
+        raise click.BadParameter(
+            f"hub {hub.name} has {hub.proxies.count} proxies: give 0 to {hub.proxies.count - 1}", param_hint="--slot"
+        )
+    if hub.cloud == "aws" and slot is not None:
+        raise click.UsageError(
+            f"hub {hub.name} is an aws hub: its proxies share one launch template and learn their slot at boot; "
+            "leave out --slot"
+        )
+    try:
+        user_data = render_cloud_init(hub, slot)
+    except UserDataError as exc:
+        raise click.ClickException(str(exc)) from None
+    if out is not None:
+        out.write_text(user_data.cloud_config, encoding="utf-8")
+    else:
+        click.echo(user_data.cloud_config, nl=False)
+    plain = len(user_data.cloud_config.encode("utf-8"))
+    how = f"gzip-compressed from {plain} bytes" if user_data.gzipped else "not compressed"
+    progress(
+        f"hub {hub.name}{'' if slot is None else f' slot {slot}'}: user data {user_data.size_bytes} bytes ({how}), "
+        f"limit {user_data.limit_bytes} bytes on {hub.cloud}"
+        + ("; scripts compacted to fit" if user_data.scripts_compacted else "")
+    )
+    for obj in user_data.s3_objects:
+        progress(f"  {obj.path} does not fit: upload it to the hub files bucket as {obj.key} ({len(obj.content)} bytes)")
+    if out is not None:
+        progress(f"wrote {out}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,303 @@
+"""The generated sshd drop-in and tunnel keys, with real OpenSSH.
+
+``sshd -t`` / ``sshd -T`` on Debian's own sshd_config with the drop-in in its include directory
+(the proxy's layout: the drop-in is read first and its values win), then a throwaway sshd on a
+loopback port with a real tunnel user (``udtunnel``, created and removed here) and real ``ssh``
+clients: the allowed ``-R localhost:P:...`` carries traffic; another port, ``-R 127.0.0.1:P``, a
+command, a PTY, a ``-L`` and a connection from outside ``onprem.source_cidrs`` are refused.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import aws_hub, load_hubs
+from tunnelhub.userdata import render as R
+
+SSHD = "/usr/sbin/sshd"
+DEBIAN_SSHD_CONFIG = Path("/etc/ssh/sshd_config")
+TUNNEL_USER = "udtunnel"
+
+pytestmark = pytest.mark.skipif(not (os.path.exists(SSHD) and shutil.which("ssh") and os.geteuid() == 0),
+                                reason="needs root, OpenSSH server and client")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def render_hub(tunnel_ports: list[int], client_key: str, source_cidrs: list[str]):
+    routes = [{"name": f"db{i}", "kind": "tunnel", "port": 3306 + i, "target": f"db{i}.corp.example:3306",
+               "tunnel_port": port, "type": "mysql"} for i, port in enumerate(tunnel_ports)]
+    return load_hubs(aws_hub(routes=routes, onprem={"source_cidrs": source_cidrs, "tunnel_user": TUNNEL_USER,
+                                                     "tunnel_public_keys": [client_key]})).hubs[0]
+
+
+@dataclass
+class SshdSetup:
+    workdir: Path
+    config: Path
+    dropin: Path
+    authorized_keys: Path
+    client_key: Path
+    client_public: str
+    tunnel_ports: list[int]
+
+    def write_keys(self, source_cidrs: list[str]) -> None:
+        hub = render_hub(self.tunnel_ports, self.client_public, source_cidrs)
+        self.authorized_keys.write_text(R.tunnel_authorized_keys(hub))
+
+
+@pytest.fixture
+def tunnel_user():
+    """A real system account like the one cloud-init creates (system, nologin, no home)."""
+    created = False
+    try:
+        pwd.getpwnam(TUNNEL_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--shell", "/usr/sbin/nologin", "--no-create-home",
+                        "--home-dir", "/nonexistent", TUNNEL_USER], check=True, timeout=30)
+        created = True
+    try:
+        yield TUNNEL_USER
+    finally:
+        if created:
+            subprocess.run(["userdel", TUNNEL_USER], check=False, timeout=30)
+
+
+@pytest.fixture
+def setup(tunnel_user):
+    # Not under /tmp: sshd's StrictModes refuses key files below a world-writable directory.
+    workdir = Path(tempfile.mkdtemp(prefix="udsshd-", dir="/run"))
+    workdir.chmod(0o755)  # sshd reads the key file as the tunnel user
+    try:
+        for name in ("host_key", "client_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / name)], check=True)
+        client_public = (workdir / "client_key.pub").read_text().strip()
+        tunnel_ports = [free_port(), free_port()]
+        hub = render_hub(tunnel_ports, client_public, ["127.0.0.0/8"])
+        (workdir / "sshd_config.d").mkdir()
+        authorized_keys = workdir / "authorized_keys"
+        dropin = workdir / "sshd_config.d" / "10-tunnelhub.conf"
+        dropin.write_text(R.sshd_dropin(hub).replace(R.TUNNEL_AUTHORIZED_KEYS_PATH, str(authorized_keys)))
+        authorized_keys.write_text(R.tunnel_authorized_keys(hub))
+        authorized_keys.chmod(0o644)
+        # Debian's own sshd_config, its include pointed at our directory (as on the proxy).
+        main = DEBIAN_SSHD_CONFIG.read_text() if DEBIAN_SSHD_CONFIG.exists() else (
+            "Include /etc/ssh/sshd_config.d/*.conf\nUsePAM yes\nX11Forwarding yes\n")
+        assert "Include /etc/ssh/sshd_config.d/*.conf" in main
+        main = main.replace("Include /etc/ssh/sshd_config.d/*.conf", f"Include {workdir}/sshd_config.d/*.conf")
+        config = workdir / "sshd_config"
+        config.write_text(main + f"\nHostKey {workdir / 'host_key'}\nPidFile {workdir / 'sshd.pid'}\n")
+        Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
+        yield SshdSetup(workdir, config, dropin, authorized_keys, workdir / "client_key", client_public,
+                        tunnel_ports)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def effective(config: Path, user: str) -> dict[str, str]:
+    done = subprocess.run([SSHD, "-T", "-f", str(config), "-C", f"user={user},host=onprem,addr=127.0.0.1"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    values: dict[str, str] = {}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        values[key] = f"{values[key]} {value}" if key in values else value
+    return values
+
+
+# ---------------------------------------------------------------------------------- sshd -t / -T
+
+
+def test_sshd_accepts_the_dropin_in_debians_config(setup):
+    done = subprocess.run([SSHD, "-t", "-f", str(setup.config)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def test_sshd_check_can_fail(setup):
+    """Negative control: the same check rejects the key option the reference got wrong."""
+    setup.dropin.write_text(setup.dropin.read_text() + "    PermitOpen bogus:port:x\n")
+    assert subprocess.run([SSHD, "-t", "-f", str(setup.config)], capture_output=True, timeout=30).returncode != 0
+
+
+def test_effective_settings_for_the_tunnel_user(setup):
+    got = effective(setup.config, TUNNEL_USER)
+    assert got["allowtcpforwarding"] == "remote"
+    assert got["permitlisten"] == " ".join(f"localhost:{p}" for p in setup.tunnel_ports)
+    assert got["permitopen"] == "none"
+    assert got["permittty"] == "no"
+    assert got["forcecommand"] == "/usr/sbin/nologin"
+    assert got["gatewayports"] == "no"
+    assert got["authorizedkeysfile"] == str(setup.authorized_keys)
+    for key in ("x11forwarding", "allowagentforwarding", "permittunnel", "permituserrc", "passwordauthentication"):
+        assert got[key] == "no", key
+    assert got["allowstreamlocalforwarding"] == "no"
+    assert (got["clientaliveinterval"], got["clientalivecountmax"]) == ("10", "3")
+
+
+def test_effective_settings_for_the_admin_win_over_debians_defaults(setup):
+    got = effective(setup.config, "tunnelhub")
+    assert "X11Forwarding yes" in setup.config.read_text()  # Debian's default, after the include
+    assert got["x11forwarding"] == "no"  # the drop-in is read first and the first value wins
+    assert got["permitrootlogin"] == "no"
+    assert got["passwordauthentication"] == "no" and got["kbdinteractiveauthentication"] == "no"
+    assert got["authenticationmethods"] == "publickey"
+    assert got["allowtcpforwarding"] == "no" and got["permitlisten"] == "any"
+    assert got["permittty"] == "yes" and got["forcecommand"] == "none"
+    assert got["allowusers"].split() == ["tunnelhub", TUNNEL_USER]
+
+
+# ---------------------------------------------------------------------------------- a real sshd
+
+
+class Banner:
+    """A loopback server that writes a line to every connection (the 'database' behind the tunnel)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"hello from the database\n")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def read_line(port: int, timeout_s: float = 5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as conn:
+        return conn.recv(100)
+
+
+def wait_listening(port: int, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+@pytest.fixture
+def running(setup):
+    port = free_port()
+    sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(setup.config), "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    banner = Banner()
+    try:
+        assert wait_listening(port, 10), "sshd did not start"
+        yield setup, port, banner, sshd
+    finally:
+        banner.close()
+        stop(sshd)
+
+
+def ssh(setup: SshdSetup, port: int, *options: str, command: tuple[str, ...] = ()) -> list[str]:
+    return ["ssh", "-i", str(setup.client_key), "-p", str(port), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            "-o", "ExitOnForwardFailure=yes", "-o", "ConnectTimeout=5", *options, f"{TUNNEL_USER}@127.0.0.1",
+            *command]
+
+
+def run_ssh(setup, port, *options, command: tuple[str, ...] = (), timeout_s: float = 20.0):
+    return subprocess.run(ssh(setup, port, *options, command=command), capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def test_the_allowed_forwards_carry_traffic(running):
+    setup, port, banner, _ = running
+    for listen in (f"localhost:{setup.tunnel_ports[0]}", str(setup.tunnel_ports[1])):  # -R localhost:P and -R P
+        target = int(listen.rsplit(":", 1)[-1])
+        client = subprocess.Popen(ssh(setup, port, "-N", "-R", f"{listen}:127.0.0.1:{banner.port}"),
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            assert wait_listening(target, 15), f"-R {listen} did not come up"
+            assert read_line(target) == b"hello from the database\n"
+        finally:
+            stop(client)
+
+
+@pytest.mark.parametrize("listen", ["other-port", "127.0.0.1"])
+def test_other_remote_forwards_are_refused(running, listen):
+    setup, port, banner, _ = running
+    spec = f"localhost:{free_port()}" if listen == "other-port" else f"127.0.0.1:{setup.tunnel_ports[0]}"
+    done = run_ssh(setup, port, "-N", "-R", f"{spec}:127.0.0.1:{banner.port}")
+    assert done.returncode != 0
+    assert "remote port forwarding failed" in done.stderr
+
+
+def test_a_command_is_refused(running):
+    setup, port, _, _ = running
+    done = run_ssh(setup, port, command=("id",))
+    assert "uid=" not in done.stdout
+    assert done.returncode != 0
+    assert "This account is currently not available" in done.stdout + done.stderr
+
+
+def test_a_pty_is_refused(running):
+    setup, port, _, _ = running
+    done = run_ssh(setup, port, "-tt", command=("true",))
+    assert "PTY allocation request failed" in done.stderr
+
+
+def test_local_forwarding_is_refused(running):
+    setup, port, banner, sshd = running
+    local = free_port()
+    client = subprocess.Popen(ssh(setup, port, "-N", "-L", f"{local}:127.0.0.1:{banner.port}"),
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_listening(local, 15)
+        assert read_line(local) == b""  # sshd refuses the channel: the connection closes with nothing
+    finally:
+        stop(client)
+    stop(sshd)
+    assert re.search(r"refused local port forward: .* target 127\.0\.0\.1 port \d+", sshd.stderr.read())
+
+
+def test_a_key_used_from_outside_the_source_cidrs_is_refused(running):
+    setup, port, banner, _ = running
+    setup.write_keys(["198.51.100.0/24"])  # sshd reads the file on every login
+    done = run_ssh(setup, port, "-N", "-R", f"localhost:{setup.tunnel_ports[0]}:127.0.0.1:{banner.port}")
+    assert done.returncode != 0 and "Permission denied" in done.stderr
