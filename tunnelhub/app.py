@@ -117,6 +117,33 @@ def _databricks_providers(stack: TerraformStack, hub: S.Hub) -> tuple[TerraformP
 
 def _add_hub_constructs(stack: HubStack, hub: S.Hub) -> None:
     """The hub's cloud resources and its Databricks wiring (filled in by the hub constructs)."""
+    if hub.cloud == "aws":
+        _add_aws_hub(stack, hub)
+
+
+def _add_aws_hub(stack: HubStack, hub: S.Hub) -> Any:
+    """The AwsHub construct and the AWS stack's outputs (docs/aws.md)."""
+    from tunnelhub.constructs.aws_hub import AwsHub, AwsHubProps
+    from tunnelhub.userdata import render_cloud_init
+
+    aws = AwsHub(stack, "hub", AwsHubProps(hub=hub, user_data=render_cloud_init(hub, None)))
+    outputs = {
+        "endpoint_service_name": (aws.endpoint_service_name, "VPC endpoint service for the Databricks NCC private endpoint rule."),
+        "nlb_dns_name": (aws.nlb_dns_name, "Internal NLB DNS name (Databricks classic compute, through the peering)."),
+        "slot_public_ips": (aws.slot_public_ips, "Elastic IP of each slot, by slot number."),
+        "slot_private_ips": (aws.slot_private_ips, "Fixed private address of each slot, by slot number."),
+        "tunnel_endpoints": (aws.tunnel_endpoints, (
+            "What the on-prem tunnel host dials, by slot: the private addresses over a private circuit, "
+            "else the Elastic IPs.")),
+        "egress_public_ips": (aws.egress_public_ips, (
+            "Where the proxies reach the internet from (allow-lists of forward routes): the slot Elastic IPs, "
+            "or the NAT gateways'.")),
+        "host_public_key": (aws.host_public_key, "The hub's SSH host public key (every proxy presents it)."),
+        "asg_name": (aws.asg_name, "The proxies' Auto Scaling group."),
+    }
+    for name, (value, description) in outputs.items():
+        TerraformOutput(stack, name, value=value, description=description)
+    return aws
 
 
 def new_app(**app_kwargs: Any) -> App:
