@@ -38,7 +38,7 @@ class HubStack(TerraformStack):
     Attributes set for the constructs (constructs never create providers themselves):
     ``hub`` (the resolved spec), ``cloud_provider`` (azurerm or aws), ``tls_provider``, and, when
     the hub has a ``databricks`` section, ``databricks_account`` / ``databricks_workspace``.
-    ``hub_construct`` is the cloud hub construct (``AzureHub``) once built, for the Databricks
+    ``hub_construct`` is the cloud hub construct (``AzureHub`` or ``AwsHub``) once built, for the Databricks
     wiring to read its documented attributes.
     """
 
@@ -178,12 +178,67 @@ def _add_hub_constructs(stack: HubStack, hub: S.Hub) -> None:
     """The hub's cloud resources and its Databricks wiring (filled in by the hub constructs)."""
     if hub.cloud == "azure":
         _add_azure_hub(stack, hub)
+    else:
+        _add_aws_hub(stack, hub)
+    if hub.databricks is not None:
+        _add_databricks(stack, hub)
 
 
 def _add_azure_hub(stack: HubStack, hub: S.Hub) -> None:
     from tunnelhub.constructs.azure_hub import AzureHub, AzureHubProps
 
     stack.hub_construct = AzureHub(stack, "hub", AzureHubProps(hub=hub))
+
+
+def _add_aws_hub(stack: HubStack, hub: S.Hub) -> None:
+    """The AwsHub construct and the AWS stack's outputs (docs/aws.md)."""
+    from tunnelhub.constructs.aws_hub import AwsHub, AwsHubProps
+    from tunnelhub.userdata import render_cloud_init
+
+    aws = AwsHub(stack, "hub", AwsHubProps(hub=hub, user_data=render_cloud_init(hub, None)))
+    stack.hub_construct = aws
+    outputs = {
+        "endpoint_service_name": (aws.endpoint_service_name, "VPC endpoint service for the Databricks NCC private endpoint rule."),
+        "nlb_dns_name": (aws.nlb_dns_name, "Internal NLB DNS name (Databricks classic compute, through the peering)."),
+        "slot_public_ips": (aws.slot_public_ips, "Elastic IP of each slot, by slot number."),
+        "slot_private_ips": (aws.slot_private_ips, "Fixed private address of each slot, by slot number."),
+        "tunnel_endpoints": (aws.tunnel_endpoints, (
+            "What the on-prem tunnel host dials, by slot: the private addresses over a private circuit, "
+            "else the Elastic IPs.")),
+        "egress_public_ips": (aws.egress_public_ips, (
+            "Where the proxies reach the internet from (allow-lists of forward routes): the slot Elastic IPs, "
+            "or the NAT gateways'.")),
+        "host_public_key": (aws.host_public_key, "The hub's SSH host public key (every proxy presents it)."),
+        "asg_name": (aws.asg_name, "The proxies' Auto Scaling group."),
+    }
+    for name, (value, description) in outputs.items():
+        TerraformOutput(stack, name, value=value, description=description)
+
+
+def _add_databricks(stack: HubStack, hub: S.Hub) -> None:
+    """The Databricks wiring, against the hub construct's private endpoint target."""
+    from tunnelhub.constructs.databricks_link import AwsEndpointTarget, AzureEndpointTarget
+
+    h: Any = stack.hub_construct
+    target: EndpointTarget
+    if hub.cloud == "azure":
+        target = AzureEndpointTarget(
+            private_link_service_id=h.pls_id,
+            lb_frontend_ip=h.lb_frontend_ip,
+            resource_group_name=h.resource_group_name,
+        )
+    else:
+        target = AwsEndpointTarget(
+            endpoint_service_id=h.endpoint_service_id,
+            endpoint_service_name=h.endpoint_service_name,
+            nlb_dns_name=h.nlb_dns_name,
+            nlb_zone_id=h.nlb_zone_id,
+        )
+    link: Any = add_databricks_link(stack, hub, target)
+    if link.ncc_id is not None:
+        TerraformOutput(stack, "ncc_id", value=link.ncc_id, description="The Databricks Network Connectivity Configuration.")
+        TerraformOutput(stack, "private_endpoint_rule_id", value=link.private_endpoint_rule_id,
+                        description="The NCC private endpoint rule to this hub.")
 
 
 def new_app(**app_kwargs: Any) -> App:

@@ -1,0 +1,733 @@
+"""The AWS hub stack: every resource issue 5 asks for, with the properties that matter, read from
+the synthesized Terraform JSON of the example hub (``use``: slot EIPs, new VPC) and of two variants
+(``pvt``: NAT gateway, private circuit, three zones, Graviton, custom principals; ``exv``: an
+existing VPC). Each spec is synthesized once per session (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import json
+import re
+import zipfile
+from ipaddress import ip_address, ip_network
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLE_SPEC
+from tests.helpers import TUNNEL_KEY, aws_hub, load_hubs, mutated, spec_text
+from tunnelhub.spec import SpecError, load_spec, validate_text
+
+pytestmark = pytest.mark.synth
+
+# --------------------------------------------------------------------------------------------
+# Specs and helpers
+# --------------------------------------------------------------------------------------------
+
+EXISTING_VPC = {
+    "vpc_id": "vpc-0123456789abcdef0",
+    "vpc_cidr": "10.100.0.0/16",
+    "proxy_subnets": [
+        {"id": "subnet-0aaaaaaaaaaaaaaa1", "cidr": "10.100.0.0/24", "availability_zone": "us-west-2a"},
+        {"id": "subnet-0aaaaaaaaaaaaaaa2", "cidr": "10.100.1.0/24", "availability_zone": "us-west-2b"},
+    ],
+    "nlb_subnets": [
+        {"id": "subnet-0bbbbbbbbbbbbbbb1", "cidr": "10.100.2.0/24", "availability_zone": "us-west-2a"},
+        {"id": "subnet-0bbbbbbbbbbbbbbb2", "cidr": "10.100.3.0/24", "availability_zone": "us-west-2b"},
+    ],
+}
+
+
+def variant_hubs() -> list[dict]:
+    pvt = aws_hub(
+        name="pvt",
+        region="eu-west-1",
+        network={"cidr": "10.90.0.0/22", "egress": "nat_gateway",
+                 "availability_zones": ["eu-west-1a", "eu-west-1b", "eu-west-1c"]},
+        proxies={"count": 3, "size": "t4g.small", "health_port": 9000, "probe_interval_s": 10, "probe_threshold": 3},
+        routes=[
+            {"name": "ledger-pg", "kind": "tunnel", "port": 5432, "target": "ledger.corp.example:5432",
+             "type": "postgresql", "idle_timeout_min": 60},
+            {"name": "partner-api", "kind": "forward", "port": 8443, "target": "api.partner.example:8443"},
+        ],
+        onprem={"source_cidrs": ["172.16.0.0/16", "172.18.0.0/24"], "tunnel_public_keys": [TUNNEL_KEY],
+                "private_circuit": True},
+        aws={"key_pair_name": "ops", "endpoint_allowed_principals": ["arn:aws:iam::111122223333:root"]},
+    )
+    exv = aws_hub(name="exv", region="us-west-2", network={"existing_vpc": EXISTING_VPC})
+    return [pvt, exv]
+
+
+def variants_text() -> str:
+    """The variant spec (shared with test_aws_checkov.py, so it is synthesized once per session)."""
+    return spec_text(*variant_hubs())
+
+
+@pytest.fixture(scope="session")
+def variants(synth_spec):
+    return synth_spec(text=variants_text())
+
+
+@pytest.fixture(scope="session")
+def hubs():
+    spec = load_spec(EXAMPLE_SPEC)
+    variant = validate_text(variants_text(), "variants.yaml").spec
+    return {"use": spec.hub("use"), "pvt": variant.hub("pvt"), "exv": variant.hub("exv")}
+
+
+@pytest.fixture(scope="session")
+def stacks(example, variants):
+    return {"use": example.stack("use-aws"), "pvt": variants.stack("pvt-aws"), "exv": variants.stack("exv-aws")}
+
+
+def resources(stack: dict, kind: str, *, data: bool = False) -> dict[str, dict]:
+    """Resources (or data sources) of one type by construct path below the hub (``slots/eip0``)."""
+    out = {}
+    for body in stack.get("data" if data else "resource", {}).get(kind, {}).values():
+        path = body["//"]["metadata"]["path"].split("/", 2)[2]  # drop "<stack>/hub/"
+        out[path] = {k: v for k, v in body.items() if k != "//"}
+    return out
+
+
+def one(stack: dict, kind: str, path: str, *, data: bool = False) -> dict:
+    return resources(stack, kind, data=data)[path]
+
+
+def ref(stack: dict, kind: str, path: str, attribute: str, *, data: bool = False) -> str:
+    """The ``${type.logical_id.attribute}`` reference to the resource at ``path``."""
+    for logical, body in stack["data" if data else "resource"][kind].items():
+        if body["//"]["metadata"]["path"].split("/", 2)[2] == path:
+            return "${" + ("data." if data else "") + f"{kind}.{logical}.{attribute}" + "}"
+    raise KeyError(path)
+
+
+def refs_in(value) -> set[str]:
+    return set(re.findall(r"\$\{([^}]+)\}", json.dumps(value)))
+
+
+def logical(reference: str) -> str:
+    return reference.strip("${}").rsplit(".", 1)[0]
+
+
+def policy(stack: dict, path: str) -> list[dict]:
+    return one(stack, "aws_iam_policy_document", path, data=True)["statement"]
+
+
+def partition(stack: dict) -> str:
+    return ref(stack, "aws_partition", "partition", "partition", data=True)
+
+
+def account(stack: dict) -> str:
+    return ref(stack, "aws_caller_identity", "account", "account_id", data=True)
+
+
+def conditions(statement: dict) -> dict[tuple[str, str], list[str]]:
+    return {(c["test"], c["variable"]): c["values"] for c in statement.get("condition", [])}
+
+
+def user_data_text(launch_template: dict) -> str:
+    payload = base64.b64decode(launch_template["user_data"])
+    return (gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else payload).decode()
+
+
+# --------------------------------------------------------------------------------------------
+# Slots
+# --------------------------------------------------------------------------------------------
+
+
+def test_each_slot_is_a_pool_eip_tagged_with_its_number(stacks, hubs):
+    for name in ("use", "pvt", "exv"):
+        eips = resources(stacks[name], "aws_eip")
+        slots = {p: e for p, e in eips.items() if p.startswith("slots/")}
+        assert sorted(slots) == [f"slots/eip{n}" for n in range(hubs[name].proxies.count)]
+        for n in range(hubs[name].proxies.count):
+            eip = slots[f"slots/eip{n}"]
+            assert eip["domain"] == "vpc"
+            assert eip["tags"]["tunnelhub:pool"] == name
+            assert eip["tags"]["tunnelhub:slot"] == str(n)
+            assert "instance" not in eip and "network_interface" not in eip  # the Lambda associates them
+
+
+def test_slot_private_addresses_are_reserved_in_their_zones_proxy_subnet(stacks, hubs):
+    for name in ("use", "pvt", "exv"):
+        plan = hubs[name].aws_addresses()
+        reservations = resources(stacks[name], "aws_ec2_subnet_cidr_reservation")
+        assert len(reservations) == len(plan.public_subnets)
+        for zone, block in enumerate(plan.slot_reserved_blocks):
+            r = reservations[f"network/slot-reservations/zone{zone}"]
+            assert r["reservation_type"] == "explicit"
+            assert r["cidr_block"] == str(block)
+            assert block.subnet_of(plan.public_subnets[zone])
+        for slot, ip in enumerate(plan.slot_private_ips):
+            assert ip in plan.slot_reserved_blocks[plan.slot_zones[slot]]
+        reserved = {r["cidr_block"]: r["subnet_id"] for r in reservations.values()}
+        if name == "exv":
+            assert reserved == {"10.100.0.16/28": "subnet-0aaaaaaaaaaaaaaa1", "10.100.1.16/28": "subnet-0aaaaaaaaaaaaaaa2"}
+        else:
+            for zone, block in enumerate(plan.slot_reserved_blocks):
+                assert reserved[str(block)] == ref(stacks[name], "aws_subnet", f"network/proxy-subnets/zone{zone}", "id")
+
+
+# --------------------------------------------------------------------------------------------
+# Slot Lambda
+# --------------------------------------------------------------------------------------------
+
+
+def test_slot_lambda_function_and_its_environment(stacks, hubs):
+    from tunnelhub.constructs.slot_lambda import handler
+
+    stack = stacks["use"]
+    fn = one(stack, "aws_lambda_function", "slot-function/function")
+    group = one(stack, "aws_autoscaling_group", "asg")
+    assert fn["runtime"] == "python3.12"
+    assert fn["handler"] == "handler.lambda_handler"
+    assert fn["timeout"] == 60 and fn["memory_size"] == 128
+    assert fn["reserved_concurrent_executions"] == 1
+    assert fn["role"] == ref(stack, "aws_iam_role", "slot-function/role", "arn")
+    env = fn["environment"]["variables"]
+    assert env["HUB"] == "use"
+    assert env["ASG_NAME"] == group["name"] == "tunnelhub-use-proxies"
+    assert env["LIFECYCLE_HOOK_NAME"] == group["initial_lifecycle_hook"][0]["name"]
+    assert (env["POOL_TAG_KEY"], env["SLOT_TAG_KEY"]) == ("tunnelhub:pool", "tunnelhub:slot")
+    # Every AWS hub has fixed private addresses: the NLB reaches the proxies there.
+    plan = hubs["use"].aws_addresses()
+    slots = json.loads(env["SLOT_PRIVATE_IPS"])
+    assert {int(k): v["ip"] for k, v in slots.items()} == {n: str(ip) for n, ip in enumerate(plan.slot_private_ips)}
+    for n, value in slots.items():
+        zone = plan.slot_zones[int(n)]
+        assert value["subnet_id"] == ref(stack, "aws_subnet", f"network/proxy-subnets/zone{zone}", "id")
+    # With literal subnet ids (an existing VPC), the handler's own parser accepts the value.
+    env = one(stacks["exv"], "aws_lambda_function", "slot-function/function")["environment"]["variables"]
+    parsed = handler.parse_slot_private_ips(env["SLOT_PRIVATE_IPS"])
+    assert parsed == {0: handler.SlotAddress("subnet-0aaaaaaaaaaaaaaa1", "10.100.0.16"),
+                      1: handler.SlotAddress("subnet-0aaaaaaaaaaaaaaa2", "10.100.1.16")}
+
+
+def test_slot_lambda_asset_is_the_handler_in_a_reproducible_zip(example, stacks):
+    from tunnelhub.constructs import aws_slot_function
+    from tunnelhub.constructs.slot_lambda import handler
+
+    fn = one(stacks["use"], "aws_lambda_function", "slot-function/function")
+    archive = example.outdir / "stacks" / "use-aws" / fn["filename"]
+    data = archive.read_bytes()
+    assert fn["source_code_hash"] == base64.b64encode(hashlib.sha256(data).digest()).decode()
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert [i.filename for i in z.infolist()] == ["handler.py"]
+        info = z.infolist()[0]
+        assert info.date_time == (1980, 1, 1, 0, 0, 0)
+        assert info.external_attr >> 16 == 0o100644
+        assert z.read("handler.py") == Path(handler.__file__).read_bytes()
+    aws_slot_function.slot_lambda_archive.cache_clear()
+    assert aws_slot_function.slot_lambda_archive().path.read_bytes() == data  # built again: same bytes
+
+
+def test_eventbridge_rule_has_the_exact_launch_pattern_and_invokes_the_function(stacks):
+    from tunnelhub.constructs.slot_lambda.handler import launch_event_pattern
+
+    stack = stacks["use"]
+    rule = one(stack, "aws_cloudwatch_event_rule", "slot-function/rule")
+    assert json.loads(rule["event_pattern"]) == launch_event_pattern("tunnelhub-use-proxies") == {
+        "source": ["aws.autoscaling"],
+        "detail-type": ["EC2 Instance-launch Lifecycle Action"],
+        "detail": {"AutoScalingGroupName": ["tunnelhub-use-proxies"],
+                   "LifecycleTransition": ["autoscaling:EC2_INSTANCE_LAUNCHING"]},
+    }
+    target = one(stack, "aws_cloudwatch_event_target", "slot-function/target")
+    assert target["rule"] == ref(stack, "aws_cloudwatch_event_rule", "slot-function/rule", "name")
+    assert target["arn"] == ref(stack, "aws_lambda_function", "slot-function/function", "arn")
+    permission = one(stack, "aws_lambda_permission", "slot-function/permission")
+    assert permission["action"] == "lambda:InvokeFunction"
+    assert permission["principal"] == "events.amazonaws.com"
+    assert permission["source_arn"] == ref(stack, "aws_cloudwatch_event_rule", "slot-function/rule", "arn")
+    assert permission["function_name"] == ref(stack, "aws_lambda_function", "slot-function/function", "function_name")
+    invoke = one(stack, "aws_lambda_function_event_invoke_config", "slot-function/invoke-config")
+    assert (invoke["maximum_retry_attempts"], invoke["maximum_event_age_in_seconds"]) == (2, 600)
+    logs = one(stack, "aws_cloudwatch_log_group", "slot-function/logs")
+    assert logs["name"] == "/aws/lambda/tunnelhub-use-slots" and logs["retention_in_days"] == 365
+
+
+def test_slot_lambda_policy_is_least_privilege(stacks):
+    stack = stacks["use"]
+    statements = {s["sid"]: s for s in policy(stack, "slot-function/policy")}
+    assert set(statements) == {"DescribeCannotBeScoped", "PoolAddressesOnly", "ProxySubnetInterfacesOnly",
+                               "GroupInstancesOnly", "SlotTagOnGroupInstancesOnly", "OwnGroupLifecycleActions",
+                               "OwnLogGroup"}
+    actions = {a for s in statements.values() for a in s["actions"]}
+    assert actions == {
+        "ec2:DescribeAddresses", "ec2:DescribeInstances", "ec2:AssociateAddress", "ec2:DisassociateAddress",
+        "ec2:AssignPrivateIpAddresses", "ec2:UnassignPrivateIpAddresses", "ec2:CreateTags",
+        "autoscaling:CompleteLifecycleAction", "logs:CreateLogStream", "logs:PutLogEvents",
+    }
+    assert all(s["effect"] == "Allow" and "*" not in "".join(s["actions"]) for s in statements.values())
+    for sid, s in statements.items():
+        if s["resources"] == ["*"]:
+            assert sid == "DescribeCannotBeScoped"  # Describe* cannot be resource-scoped
+    prefix = f"arn:{partition(stack)}:ec2:us-east-1:{account(stack)}:"
+    pool = statements["PoolAddressesOnly"]
+    assert pool["resources"] == [prefix + "elastic-ip/*"]
+    assert conditions(pool) == {("StringEquals", "aws:ResourceTag/tunnelhub:pool"): ["use"]}
+    eni = statements["ProxySubnetInterfacesOnly"]
+    assert eni["resources"] == [prefix + "network-interface/*"]
+    subnets = [prefix + "subnet/" + ref(stack, "aws_subnet", f"network/proxy-subnets/zone{z}", "id") for z in (0, 1)]
+    assert conditions(eni) == {("StringEquals", "ec2:Subnet"): subnets}
+    in_group = {("StringEquals", "aws:ResourceTag/aws:autoscaling:groupName"): ["tunnelhub-use-proxies"]}
+    assert statements["GroupInstancesOnly"]["resources"] == [prefix + "instance/*"]
+    assert conditions(statements["GroupInstancesOnly"]) == in_group
+    tags = statements["SlotTagOnGroupInstancesOnly"]
+    assert conditions(tags) == {**in_group, ("ForAllValues:StringEquals", "aws:TagKeys"): ["tunnelhub:slot"],
+                                ("Null", "aws:TagKeys"): ["false"]}
+    lifecycle = statements["OwnGroupLifecycleActions"]["resources"]
+    assert len(lifecycle) == 1 and lifecycle[0].endswith(":autoScalingGroup:*:autoScalingGroupName/tunnelhub-use-proxies")
+    assert statements["OwnLogGroup"]["resources"] == [ref(stack, "aws_cloudwatch_log_group", "slot-function/logs", "arn") + ":*"]
+    trust = policy(stack, "slot-function/trust")
+    assert trust == [{"actions": ["sts:AssumeRole"], "effect": "Allow",
+                      "principals": [{"identifiers": ["lambda.amazonaws.com"], "type": "Service"}]}]
+    # The role has exactly one policy: this document; no managed policy is attached.
+    role_policies = [p for p in resources(stack, "aws_iam_role_policy").values()
+                     if p["role"] == ref(stack, "aws_iam_role", "slot-function/role", "id")]
+    assert [p["policy"] for p in role_policies] == [ref(stack, "aws_iam_policy_document", "slot-function/policy",
+                                                        "json", data=True)]
+    assert "aws_iam_role_policy_attachment" not in stack["resource"]
+
+
+# --------------------------------------------------------------------------------------------
+# Auto Scaling group and launch template
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_launch_hook_is_declared_inside_the_group(stacks, hubs):
+    for name in ("use", "pvt", "exv"):
+        stack = stacks[name]
+        group = one(stack, "aws_autoscaling_group", "asg")
+        assert group["initial_lifecycle_hook"] == [{
+            "name": "tunnelhub-slot", "lifecycle_transition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+            "default_result": "ABANDON", "heartbeat_timeout": 600,
+        }]
+        assert "aws_autoscaling_lifecycle_hook" not in stack["resource"]
+        count = hubs[name].proxies.count
+        assert (group["min_size"], group["max_size"], group["desired_capacity"]) == (count, count, count)
+        # The function, its trigger and the pool exist before the first launch.
+        needed = {logical(ref(stack, "aws_lambda_permission", "slot-function/permission", "id")),
+                  logical(ref(stack, "aws_cloudwatch_event_target", "slot-function/target", "id")),
+                  logical(ref(stack, "aws_iam_role_policy", "slot-function/role-policy", "id")),
+                  logical(ref(stack, "aws_ssm_parameter", "host-key/parameter", "id")),
+                  *(logical(ref(stack, "aws_eip", f"slots/eip{n}", "id")) for n in range(count))}
+        assert needed <= set(group["depends_on"])
+
+
+def test_group_health_checks_only_the_instance_health_target_group(stacks, hubs):
+    """A database outage makes every proxy answer 503 on that route: the route target groups must
+    not decide instance health, or the group would replace every proxy, again and again."""
+    for name in ("use", "pvt"):
+        stack, hub = stacks[name], hubs[name]
+        group = one(stack, "aws_autoscaling_group", "asg")
+        assert group["health_check_type"] == "ELB"
+        assert group["target_group_arns"] == [ref(stack, "aws_lb_target_group", "nlb/instance-health/target-group", "arn")]
+        health = one(stack, "aws_lb_target_group", "nlb/instance-health/target-group")
+        assert health["target_type"] == "instance"
+        assert health["health_check"]["path"] == "/healthz"
+        assert health["health_check"]["protocol"] == "HTTP"
+        assert health["health_check"]["port"] == str(hub.proxies.health_port)
+        assert health["health_check"]["unhealthy_threshold"] == 10
+        listener = one(stack, "aws_lb_listener", "nlb/instance-health/listener")
+        assert listener["port"] == hub.proxies.health_port
+        for route in hub.routes:
+            tg = one(stack, "aws_lb_target_group", f"nlb/routes/{route.name}/target-group")
+            assert tg["target_type"] == "ip"
+        route_groups = {logical(ref(stack, "aws_lb_target_group", f"nlb/routes/{r.name}/target-group", "arn"))
+                        for r in hub.routes}
+        assert not route_groups & {logical("${" + r + "}") for r in refs_in(group)}
+        for kind in ("aws_autoscaling_attachment", "aws_autoscaling_traffic_source_attachment"):
+            assert kind not in stack["resource"]
+
+
+def test_launch_template(stacks, hubs):
+    from tunnelhub.userdata import render_cloud_init
+
+    for name, arch in (("use", "amd64"), ("pvt", "arm64")):
+        stack, hub = stacks[name], hubs[name]
+        lt = one(stack, "aws_launch_template", "launch-template")
+        assert lt["metadata_options"] == {"http_endpoint": "enabled", "http_tokens": "required",
+                                          "http_put_response_hop_limit": 1, "instance_metadata_tags": "enabled"}
+        ebs = lt["block_device_mappings"][0]["ebs"]
+        assert ebs["encrypted"] == "true" and ebs["volume_type"] == "gp3"
+        assert lt["block_device_mappings"][0]["device_name"] == ref(stack, "aws_ami", "ubuntu", "root_device_name", data=True)
+        assert lt["iam_instance_profile"] == {"arn": ref(stack, "aws_iam_instance_profile", "proxy-profile", "arn")}
+        assert lt["instance_type"] == hub.proxy_size
+        assert lt["image_id"] == ref(stack, "aws_ami", "ubuntu", "id", data=True)
+        nic = lt["network_interfaces"][0]
+        assert nic["associate_public_ip_address"] == "false"
+        assert nic["security_groups"] == [ref(stack, "aws_security_group", "proxy-sg", "id")]
+        assert lt["user_data"] == render_cloud_init(hub, None).base64
+        ami = one(stack, "aws_ami", "ubuntu", data=True)
+        assert ami["owners"] == ["099720109477"] and ami["most_recent"] is True
+        filters = {f["name"]: f["values"] for f in ami["filter"]}
+        assert filters["name"] == [f"ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-{arch}-server-*"]
+        assert filters["architecture"] == [{"amd64": "x86_64", "arm64": "arm64"}[arch]]
+        group = one(stack, "aws_autoscaling_group", "asg")
+        assert group["launch_template"] == {"id": ref(stack, "aws_launch_template", "launch-template", "id"),
+                                            "version": ref(stack, "aws_launch_template", "launch-template", "latest_version")}
+    assert one(stacks["pvt"], "aws_launch_template", "launch-template")["key_name"] == "ops"
+    assert "key_name" not in one(stacks["use"], "aws_launch_template", "launch-template")
+
+
+def test_graviton_instance_types_get_the_arm64_image():
+    from tunnelhub.constructs.aws_hub import ubuntu_architecture
+
+    for t in ("t4g.small", "m7g.large", "c7gn.xlarge", "im4gn.large", "r8g.medium", "g5g.xlarge", "x2gd.large"):
+        assert ubuntu_architecture(t) == "arm64", t
+    for t in ("t3.small", "m6i.large", "g4dn.xlarge", "c5n.large", "m7i-flex.large", "m5zn.large", "inf2.xlarge"):
+        assert ubuntu_architecture(t) == "amd64", t
+
+
+# --------------------------------------------------------------------------------------------
+# Host identity
+# --------------------------------------------------------------------------------------------
+
+
+def test_host_key_is_generated_and_stored_for_the_proxies_only(stacks):
+    from tunnelhub.userdata import host_key_parameter_name
+
+    stack = stacks["use"]
+    key = one(stack, "tls_private_key", "host-key/key")
+    assert key == {"algorithm": "ED25519"}
+    parameter = one(stack, "aws_ssm_parameter", "host-key/parameter")
+    assert parameter["type"] == "SecureString"
+    assert parameter["name"] == "/tunnelhub/use/ssh-host-ed25519-key"
+    assert parameter["name"] == host_key_parameter_name(load_spec(EXAMPLE_SPEC).hub("use"))
+    assert parameter["value"] == ref(stack, "tls_private_key", "host-key/key", "private_key_openssh")
+    assert parameter["key_id"] == ref(stack, "aws_kms_key", "host-key/kms-key", "arn")
+    kms = one(stack, "aws_kms_key", "host-key/kms-key")
+    assert kms["enable_key_rotation"] is True
+    assert kms["policy"] == ref(stack, "aws_iam_policy_document", "host-key/kms-policy", "json", data=True)
+    statements = {s["sid"]: s for s in policy(stack, "host-key/kms-policy")}
+    decrypt = statements["ProxiesDecryptTheHostKeyThroughSsm"]
+    assert decrypt["actions"] == ["kms:Decrypt"]
+    assert decrypt["principals"] == [{"type": "AWS", "identifiers": [ref(stack, "aws_iam_role", "proxy-role", "arn")]}]
+    parameter_arn = next(s for s in policy(stack, "proxy-policy") if s["sid"] == "ReadHostKey")["resources"]
+    assert conditions(decrypt) == {("StringEquals", "kms:ViaService"): ["ssm.us-east-1.amazonaws.com"],
+                                   ("StringEquals", "kms:EncryptionContext:PARAMETER_ARN"): parameter_arn}
+    assert parameter_arn == [f"arn:{partition(stack)}:ssm:us-east-1:{account(stack)}:parameter/tunnelhub/use/ssh-host-ed25519-key"]
+    # Only the proxies' role may read the parameter; nothing else in the stack mentions ssm.
+    readers = [s for doc in resources(stack, "aws_iam_policy_document", data=True).values()
+               for s in doc["statement"] if any(a.startswith("ssm:") for a in s.get("actions", []))]
+    assert readers == [{"sid": "ReadHostKey", "effect": "Allow", "actions": ["ssm:GetParameter"],
+                        "resources": parameter_arn}]
+    output = stack["output"]["host_public_key"]["value"]
+    assert output == ref(stack, "tls_private_key", "host-key/key", "public_key_openssh")
+
+
+KEY_BLOCK = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----\s*[A-Za-z0-9+/=]{16}")
+
+
+def test_key_block_pattern_finds_a_real_key():
+    key = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n"
+           "-----END OPENSSH PRIVATE KEY-----\n")
+    assert KEY_BLOCK.search(key)
+    assert not KEY_BLOCK.search('if "-----BEGIN OPENSSH PRIVATE KEY-----" not in text:')
+
+
+def test_no_private_key_material_in_the_stacks_or_the_user_data(example, variants, stacks):
+    from tunnelhub.userdata import render_cloud_init
+
+    texts = {"use": example.text("use-aws"), "pvt": variants.text("pvt-aws"), "exv": variants.text("exv-aws")}
+    for name, stack in stacks.items():
+        lt = one(stack, "aws_launch_template", "launch-template")
+        decoded = user_data_text(lt)
+        assert decoded.startswith("#cloud-config")
+        objects = [base64.b64decode(o["content_base64"]).decode() for o in resources(stack, "aws_s3_object").values()]
+        for text in (texts[name], decoded, *objects):
+            # A key is a marker followed by its base64 body (the fetch script names the marker it expects).
+            assert not KEY_BLOCK.search(text)
+            assert "b3BlbnNzaC1rZXktdjE" not in text  # base64 of "openssh-key-v1": the start of a key body
+        assert "PRIVATE KEY" not in texts[name]
+    hub = load_spec(EXAMPLE_SPEC).hub("use")
+    assert "/tunnelhub/use/ssh-host-ed25519-key" in gzip.decompress(render_cloud_init(hub, None).payload).decode()
+
+
+def test_files_bucket_holds_the_renderers_objects_for_the_proxies(stacks, hubs):
+    from tunnelhub.userdata import render_cloud_init
+
+    stack, hub = stacks["use"], hubs["use"]
+    rendered = render_cloud_init(hub, None)
+    assert rendered.s3_objects, "the example's user data no longer needs the bucket: pick a spec that does"
+    bucket = one(stack, "aws_s3_bucket", "files/bucket")
+    assert bucket["bucket"] == f"tunnelhub-use-{account(stack)}-us-east-1"
+    objects = {o["key"]: o for o in resources(stack, "aws_s3_object").values()}
+    assert set(objects) == {o.key for o in rendered.s3_objects}
+    for o in rendered.s3_objects:
+        body = base64.b64decode(objects[o.key]["content_base64"])
+        assert body == o.content and hashlib.sha256(body).hexdigest() == o.sha256
+    block = one(stack, "aws_s3_bucket_public_access_block", "files/public-access-block")
+    assert all(block[k] is True for k in ("block_public_acls", "block_public_policy", "ignore_public_acls",
+                                          "restrict_public_buckets"))
+    read = [s for s in policy(stack, "proxy-policy") if s["sid"] == "ReadBootFiles"]
+    assert read == [{"sid": "ReadBootFiles", "effect": "Allow", "actions": ["s3:GetObject"],
+                     "resources": [ref(stack, "aws_s3_bucket", "files/bucket", "arn") + "/proxy/*"]}]
+    group = one(stack, "aws_autoscaling_group", "asg")
+    for path in resources(stack, "aws_s3_object"):
+        assert logical(ref(stack, "aws_s3_object", path, "id")) in group["depends_on"]
+
+
+# --------------------------------------------------------------------------------------------
+# NLB, target groups, endpoint service
+# --------------------------------------------------------------------------------------------
+
+
+def test_one_listener_and_ip_target_group_per_route_with_its_health_check(stacks, hubs):
+    for name in ("use", "pvt", "exv"):
+        stack, hub = stacks[name], hubs[name]
+        px = hub.proxies
+        groups = resources(stack, "aws_lb_target_group")
+        assert sorted(groups) == sorted([f"nlb/routes/{r.name}/target-group" for r in hub.routes]
+                                        + ["nlb/instance-health/target-group"])
+        attachments = resources(stack, "aws_lb_target_group_attachment")
+        for route in hub.routes:
+            tg = groups[f"nlb/routes/{route.name}/target-group"]
+            assert (tg["port"], tg["protocol"], tg["target_type"]) == (route.port, "TCP", "ip")
+            assert tg["health_check"] == {
+                "enabled": True, "protocol": "HTTP", "port": str(px.health_port), "path": route.health_path,
+                "matcher": "200", "interval": px.probe_interval_s, "timeout": 3,
+                "healthy_threshold": px.probe_threshold, "unhealthy_threshold": px.probe_threshold,
+            }
+            assert 2 <= tg["health_check"]["timeout"] < tg["health_check"]["interval"] <= 300
+            assert tg["deregistration_delay"] == "10" and tg["connection_termination"] is True
+            assert tg["preserve_client_ip"] == "false"
+            arn = ref(stack, "aws_lb_target_group", f"nlb/routes/{route.name}/target-group", "arn")
+            registered = sorted((a["target_id"], a["port"]) for a in attachments.values() if a["target_group_arn"] == arn)
+            assert registered == sorted((str(ip), route.port) for ip in hub.aws_addresses().slot_private_ips)
+            listener = one(stack, "aws_lb_listener", f"nlb/routes/{route.name}/listener")
+            assert (listener["port"], listener["protocol"]) == (route.port, "TCP")
+            assert listener["default_action"] == [{"type": "forward", "target_group_arn": arn}]
+            assert listener["tcp_idle_timeout_seconds"] == route.idle_timeout_min * 60
+    pvt = one(stacks["pvt"], "aws_lb_target_group", "nlb/routes/ledger-pg/target-group")["health_check"]
+    assert (pvt["port"], pvt["interval"], pvt["healthy_threshold"], pvt["path"]) == ("9000", 10, 3, "/routes/ledger-pg")
+
+
+def test_nlb_is_internal_cross_zone_with_a_security_group(stacks):
+    for name in ("use", "exv"):
+        stack = stacks[name]
+        nlb = one(stack, "aws_lb", "nlb/lb")
+        assert nlb["internal"] is True and nlb["load_balancer_type"] == "network"
+        assert nlb["enable_cross_zone_load_balancing"] is True
+        assert nlb["security_groups"] == [ref(stack, "aws_security_group", "nlb-sg", "id")]
+        assert nlb["enforce_security_group_inbound_rules_on_private_link_traffic"] == "off"
+    assert one(stacks["exv"], "aws_lb", "nlb/lb")["subnets"] == ["subnet-0bbbbbbbbbbbbbbb1", "subnet-0bbbbbbbbbbbbbbb2"]
+    assert one(stacks["use"], "aws_lb", "nlb/lb")["subnets"] == [
+        ref(stacks["use"], "aws_subnet", f"network/nlb-subnets/zone{z}", "id") for z in (0, 1)]
+
+
+def test_endpoint_service_requires_acceptance_and_allows_the_regions_databricks_role(stacks):
+    stack = stacks["use"]
+    service = one(stack, "aws_vpc_endpoint_service", "endpoint-service")
+    assert service["acceptance_required"] is True
+    assert service["network_load_balancer_arns"] == [ref(stack, "aws_lb", "nlb/lb", "arn")]
+    assert service["allowed_principals"] == ["arn:aws:iam::565502421330:role/private-connectivity-role-us-east-1"]
+    exv = one(stacks["exv"], "aws_vpc_endpoint_service", "endpoint-service")
+    assert exv["allowed_principals"] == ["arn:aws:iam::565502421330:role/private-connectivity-role-us-west-2"]
+    pvt = one(stacks["pvt"], "aws_vpc_endpoint_service", "endpoint-service")
+    assert pvt["allowed_principals"] == ["arn:aws:iam::111122223333:root"]
+
+
+# --------------------------------------------------------------------------------------------
+# Security groups
+# --------------------------------------------------------------------------------------------
+
+
+def _rules(stack: dict, kind: str, sg_path: str) -> list[dict]:
+    sg = ref(stack, "aws_security_group", sg_path, "id")
+    return [r for r in resources(stack, kind).values() if r["security_group_id"] == sg]
+
+
+def test_security_groups_admit_only_what_each_side_needs(stacks, hubs):
+    for name in ("use", "pvt"):
+        stack, hub = stacks[name], hubs[name]
+        nlb_sg = ref(stack, "aws_security_group", "nlb-sg", "id")
+        proxy_sg = ref(stack, "aws_security_group", "proxy-sg", "id")
+        for sg in resources(stack, "aws_security_group").values():
+            assert "ingress" not in sg and "egress" not in sg  # rules are separate resources, listed below
+        ingress = {(r["from_port"], r["to_port"], r.get("cidr_ipv4") or r["referenced_security_group_id"])
+                   for r in _rules(stack, "aws_vpc_security_group_ingress_rule", "proxy-sg")}
+        expected = {(22, 22, str(c)) for c in hub.onprem.source_cidrs}
+        expected |= {(r.port, r.port, nlb_sg) for r in hub.routes}
+        expected |= {(hub.proxies.health_port, hub.proxies.health_port, nlb_sg)}
+        assert ingress == expected
+        egress = {(r["from_port"], r["cidr_ipv4"]) for r in _rules(stack, "aws_vpc_security_group_egress_rule", "proxy-sg")}
+        assert egress == {(p, "0.0.0.0/0") for p in {80, 443, *(r.target_port for r in hub.forward_routes)}}
+        classic = hub.databricks.classic.cidrs if hub.databricks and hub.databricks.classic else []
+        nlb_in = {(r["from_port"], r["cidr_ipv4"]) for r in _rules(stack, "aws_vpc_security_group_ingress_rule", "nlb-sg")}
+        assert nlb_in == {(r.port, str(c)) for r in hub.routes for c in classic}
+        nlb_out = {(r["from_port"], r["referenced_security_group_id"])
+                   for r in _rules(stack, "aws_vpc_security_group_egress_rule", "nlb-sg")}
+        assert nlb_out == {(p, proxy_sg) for p in [r.port for r in hub.routes] + [hub.proxies.health_port]}
+        every = [*resources(stack, "aws_vpc_security_group_ingress_rule").values(),
+                 *resources(stack, "aws_vpc_security_group_egress_rule").values()]
+        assert all(r["ip_protocol"] == "tcp" and r["from_port"] == r["to_port"] and r["description"] for r in every)
+        assert not [r for r in resources(stack, "aws_vpc_security_group_ingress_rule").values()
+                    if r.get("cidr_ipv4") == "0.0.0.0/0"]
+    assert one(stacks["use"], "aws_default_security_group", "network/default-sg").keys() == {"vpc_id", "tags"}
+
+
+# --------------------------------------------------------------------------------------------
+# Network and egress
+# --------------------------------------------------------------------------------------------
+
+
+def test_new_vpc_with_slot_eip_egress_routes_proxies_to_the_internet_gateway(stacks, hubs):
+    stack, hub = stacks["use"], hubs["use"]
+    plan = hub.aws_addresses()
+    assert one(stack, "aws_vpc", "network/vpc")["cidr_block"] == "10.70.0.0/24"
+    for z in (0, 1):
+        proxy = one(stack, "aws_subnet", f"network/proxy-subnets/zone{z}")
+        nlb = one(stack, "aws_subnet", f"network/nlb-subnets/zone{z}")
+        assert proxy["cidr_block"] == str(plan.public_subnets[z]) and nlb["cidr_block"] == str(plan.private_subnets[z])
+        assert proxy["map_public_ip_on_launch"] is False
+        zones = logical(ref(stack, "aws_availability_zones", "network/zones", "names", data=True))
+        assert proxy["availability_zone"] == nlb["availability_zone"] == "${element(" + zones + ".names, " + str(z) + ")}"
+    internet = one(stack, "aws_route_table", "network/internet-routes")
+    assert [(r["cidr_block"], r["gateway_id"]) for r in internet["route"]] == [
+        ("0.0.0.0/0", ref(stack, "aws_internet_gateway", "network/igw", "id"))]
+    assocs = resources(stack, "aws_route_table_association")
+    for z in (0, 1):
+        assert assocs[f"network/routes/proxy-zone{z}"]["route_table_id"] == ref(stack, "aws_route_table", "network/internet-routes", "id")
+        assert assocs[f"network/routes/nlb-zone{z}"]["route_table_id"] == ref(stack, "aws_route_table", "network/nlb-routes", "id")
+    assert "route" not in one(stack, "aws_route_table", "network/nlb-routes")
+    assert "aws_nat_gateway" not in stack["resource"]
+    assert stack["output"]["egress_public_ips"]["value"] == stack["output"]["slot_public_ips"]["value"]
+
+
+def test_nat_gateway_egress_puts_proxies_behind_one_nat_per_zone(stacks, hubs):
+    stack = stacks["pvt"]
+    assert hubs["pvt"].egress == "nat_gateway" and hubs["pvt"].zone_count == 3
+    nats = resources(stack, "aws_nat_gateway")
+    assert len(nats) == 3
+    for z in range(3):
+        nat = nats[f"network/nat/gateway{z}"]
+        assert nat["subnet_id"] == ref(stack, "aws_subnet", f"network/nlb-subnets/zone{z}", "id")
+        table = one(stack, "aws_route_table", f"network/nat/proxy-routes{z}")
+        assert [(r["cidr_block"], r["nat_gateway_id"]) for r in table["route"]] == [
+            ("0.0.0.0/0", ref(stack, "aws_nat_gateway", f"network/nat/gateway{z}", "id"))]
+        assoc = one(stack, "aws_route_table_association", f"network/nat/proxy-zone{z}")
+        assert assoc["subnet_id"] == ref(stack, "aws_subnet", f"network/proxy-subnets/zone{z}", "id")
+        assert one(stack, "aws_route_table_association", f"network/nat/nlb-zone{z}")["route_table_id"] == ref(
+            stack, "aws_route_table", "network/internet-routes", "id")
+        assert one(stack, "aws_subnet", f"network/proxy-subnets/zone{z}")["availability_zone"] == f"eu-west-1{'abc'[z]}"
+    assert stack["output"]["egress_public_ips"]["value"] == [
+        ref(stack, "aws_eip", f"network/nat/eip{z}", "public_ip") for z in range(3)]
+    assert "aws_availability_zones" not in stack.get("data", {})
+
+
+def test_existing_vpc_creates_no_network(stacks):
+    stack = stacks["exv"]
+    for kind in ("aws_vpc", "aws_subnet", "aws_internet_gateway", "aws_route_table", "aws_route_table_association",
+                 "aws_nat_gateway", "aws_default_security_group"):
+        assert kind not in stack["resource"], kind
+    group = one(stack, "aws_autoscaling_group", "asg")
+    assert group["vpc_zone_identifier"] == ["subnet-0aaaaaaaaaaaaaaa1", "subnet-0aaaaaaaaaaaaaaa2"]
+    for sg in resources(stack, "aws_security_group").values():
+        assert sg["vpc_id"] == "vpc-0123456789abcdef0"
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+
+
+def test_stack_outputs(stacks, hubs):
+    for name in ("use", "pvt"):
+        stack, hub = stacks[name], hubs[name]
+        out = {k: v["value"] for k, v in stack["output"].items()}
+        assert set(out) == {"endpoint_service_name", "nlb_dns_name", "slot_public_ips", "slot_private_ips",
+                            "tunnel_endpoints", "host_public_key", "asg_name", "egress_public_ips", "port_plan"}
+        assert out["endpoint_service_name"] == ref(stack, "aws_vpc_endpoint_service", "endpoint-service", "service_name")
+        assert out["nlb_dns_name"] == ref(stack, "aws_lb", "nlb/lb", "dns_name")
+        assert out["slot_public_ips"] == [ref(stack, "aws_eip", f"slots/eip{n}", "public_ip")
+                                          for n in range(hub.proxies.count)]
+        assert out["slot_private_ips"] == [str(ip) for ip in hub.aws_addresses().slot_private_ips]
+        assert out["asg_name"] == f"tunnelhub-{name}-proxies"
+        assert out["tunnel_endpoints"] == (out["slot_private_ips"] if hub.private_circuit else out["slot_public_ips"])
+        assert not any(v.get("sensitive") for v in stack["output"].values())
+    assert hubs["pvt"].private_circuit and not hubs["use"].private_circuit
+    assert [str(ip_address(ip)) for ip in stacks["pvt"]["output"]["tunnel_endpoints"]["value"]] == [
+        "10.90.0.16", "10.90.0.144", "10.90.1.16"]
+    assert all(ip_address(ip) in ip_network("10.90.0.0/22") for ip in stacks["pvt"]["output"]["tunnel_endpoints"]["value"])
+
+
+def test_construct_exposes_what_the_databricks_wiring_needs(hubs):
+    """Built in a throw-away stack: the attributes the other constructs read are set and are
+    tokens of the right resources (the stack JSON above checks their values)."""
+    from cdktf import TerraformStack, Testing
+    from cdktf_cdktf_provider_aws.provider import AwsProvider
+    from cdktf_cdktf_provider_tls.provider import TlsProvider
+
+    from tunnelhub.constructs.aws_hub import AwsHub, AwsHubProps
+    from tunnelhub.userdata import render_cloud_init
+
+    hub = hubs["use"]
+    stack = TerraformStack(Testing.app(), "test")
+    AwsProvider(stack, "aws", region=hub.region)
+    TlsProvider(stack, "tls")
+    aws = AwsHub(stack, "hub", AwsHubProps(hub=hub, user_data=render_cloud_init(hub, None)))
+    for attribute in ("vpc_id", "endpoint_service_id", "endpoint_service_name", "nlb_dns_name", "nlb_zone_id",
+                      "nlb_arn", "nlb_security_group_id", "proxy_security_group_id", "asg_arn"):
+        assert isinstance(getattr(aws, attribute), str) and "TOKEN" in getattr(aws, attribute), attribute
+    assert len(aws.nlb_route_table_ids) == 1 and len(aws.proxy_subnet_ids) == len(aws.nlb_subnet_ids) == 2
+    assert aws.asg_name == "tunnelhub-use-proxies" and aws.lifecycle_hook_name == "tunnelhub-slot"
+    assert aws.host_key_parameter_name == "/tunnelhub/use/ssh-host-ed25519-key"
+    assert set(aws.route_target_group_arns) == {"inventory-mysql", "aoai"}
+    synthesized = json.loads(Testing.synth(stack))
+    assert "aws_lb" in synthesized["resource"] and "output" not in synthesized  # outputs are the stack's
+
+
+# --------------------------------------------------------------------------------------------
+# Props validation and contracts with the other parts
+# --------------------------------------------------------------------------------------------
+
+
+def _props(hub_dict):
+    from tunnelhub.constructs.aws_hub import AwsHubProps
+    from tunnelhub.userdata import render_cloud_init
+
+    hub = load_hubs(hub_dict).hubs[0]
+    return AwsHubProps(hub=hub, user_data=render_cloud_init(hub, None))
+
+
+def test_nat_gateway_egress_needs_a_private_circuit():
+    hub = mutated(aws_hub(), lambda h: h["network"].update(egress="nat_gateway"))
+    with pytest.raises(SpecError, match=r'hub "use": network\.egress = \'nat_gateway\': with a NAT gateway .* '
+                                        r"set onprem\.private_circuit: true"):
+        _props(hub)
+    _props(mutated(hub, lambda h: h["onprem"].update(private_circuit=True)))  # accepted
+
+
+def test_instance_tags_must_be_valid_in_instance_metadata():
+    with pytest.raises(SpecError, match=r"tags\.cost/center = 'cost/center': the proxies expose their tags"):
+        _props(aws_hub(tags={"cost/center": "42", "owner": "data"}))
+
+
+def test_azure_hubs_are_refused():
+    from tests.helpers import azure_hub
+    from tunnelhub.constructs.aws_hub import AwsHubProps
+
+    spec = load_hubs(azure_hub(), aws_hub())
+    with pytest.raises(SpecError, match="AwsHub builds aws hubs only"):
+        AwsHubProps(hub=spec.hub("weu"), user_data=_props(aws_hub()).user_data)
+
+
+def test_oversized_user_data_is_refused():
+    import dataclasses
+
+    props = _props(aws_hub())
+    big = dataclasses.replace(props.user_data, base64=base64.b64encode(b"x" * 16385).decode())
+    with pytest.raises(ValueError, match="the proxies' user data is 16385 bytes; EC2 takes 1-16384"):
+        type(props)(hub=props.hub, user_data=big)
+
+
+def test_tag_and_parameter_contracts_with_the_cloud_init():
+    from tunnelhub.constructs.slot_lambda import handler
+    from tunnelhub.userdata import AWS_SLOT_TAG
+
+    assert handler.DEFAULT_SLOT_TAG_KEY == AWS_SLOT_TAG
