@@ -4,6 +4,7 @@ atomic, merging, state-preserving output directory."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -56,11 +57,25 @@ def test_port_plan_output_matches_the_spec(example):
         assert output == expected
 
 
-def test_no_private_key_material_in_any_stack(example):
-    for name in example.stacks:
-        text = example.text(name)
-        assert "PRIVATE KEY" not in text
-        assert "password\":" not in text.lower().replace("password_var", "")
+def _values_of(doc, key: str):
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if k == key:
+                yield v
+            yield from _values_of(v, key)
+    elif isinstance(doc, list):
+        for item in doc:
+            yield from _values_of(item, key)
+
+
+def test_no_secret_material_in_any_stack(example):
+    for name, stack in example.stacks.items():
+        assert "PRIVATE KEY" not in example.text(name)
+        passwords = list(_values_of(stack, "password"))
+        assert passwords, "the example wires Unity Catalog connections with passwords"
+        for value in passwords:  # every password is a reference to a sensitive variable
+            assert re.fullmatch(r"\$\{var\.[A-Za-z_][A-Za-z0-9_-]*\}", value), value
+            assert stack["variable"][value[6:-1]]["sensitive"] is True
 
 
 def test_hub_option_resynthesizes_one_hub_and_keeps_the_rest_and_the_state(tmp_path, example):

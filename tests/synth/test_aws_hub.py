@@ -640,8 +640,9 @@ def test_stack_outputs(stacks, hubs):
     for name in ("use", "pvt"):
         stack, hub = stacks[name], hubs[name]
         out = {k: v["value"] for k, v in stack["output"].items()}
+        databricks = {"ncc_id", "private_endpoint_rule_id"} if hub.databricks and hub.databricks.serverless_enabled else set()
         assert set(out) == {"endpoint_service_name", "nlb_dns_name", "slot_public_ips", "slot_private_ips",
-                            "tunnel_endpoints", "host_public_key", "asg_name", "egress_public_ips", "port_plan"}
+                            "tunnel_endpoints", "host_public_key", "asg_name", "egress_public_ips", "port_plan"} | databricks
         assert out["endpoint_service_name"] == ref(stack, "aws_vpc_endpoint_service", "endpoint-service", "service_name")
         assert out["nlb_dns_name"] == ref(stack, "aws_lb", "nlb/lb", "dns_name")
         assert out["slot_public_ips"] == [ref(stack, "aws_eip", f"slots/eip{n}", "public_ip")

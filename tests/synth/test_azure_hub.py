@@ -25,7 +25,7 @@ pytestmark = pytest.mark.synth
 
 STACK = "weu-azure"
 OUTPUTS = {"lb_frontend_ip", "pls_id", "pls_alias", "proxy_private_ips", "tunnel_endpoints", "nat_public_ip",
-           "host_public_key", "port_plan"}
+           "host_public_key", "port_plan", "ncc_id", "private_endpoint_rule_id"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,8 +486,17 @@ def test_a_new_route_adds_one_probe_and_one_rule_and_opens_its_port(synth_spec, 
     after = synth_spec(text=spec_text(with_new_route(example_hub_dict()))).stack(STACK)
     added, removed, changed = _diff(weu, after)
     assert removed == set()
-    assert {a.split(".")[0] for a in added} == {"azurerm_lb_probe", "azurerm_lb_rule"}
-    assert len(added) == 2 and all("route-erp-mssql" in a for a in added)
+    hub_parts = {a for a in added if a.startswith(("azurerm_lb_probe.", "azurerm_lb_rule."))}
+    assert {a.split(".")[0] for a in hub_parts} == {"azurerm_lb_probe", "azurerm_lb_rule"}
+    assert len(hub_parts) == 2 and all("route-erp-mssql" in a for a in hub_parts)
+    # The Databricks wiring gives the new route's domain its private DNS zone (one name for classic
+    # and serverless) and adds the domain to the NCC private endpoint rule.
+    dns = added - hub_parts
+    assert sorted(a.split(".")[0] for a in dns) == [
+        "azurerm_private_dns_a_record", "azurerm_private_dns_zone", "azurerm_private_dns_zone_virtual_network_link"]
+    rule = next(k for k in changed if k.startswith("databricks_mws_ncc_private_endpoint_rule."))
+    assert changed.pop(rule) == {"domain_names"}
+    assert "erp-mssql.weu.tunnelhub.internal" in addresses(after)[rule]["domain_names"]
     routes_rule = next(f"azurerm_network_security_rule.{n}" for n, r in of_type(weu, "azurerm_network_security_rule").items()
                        if r["name"] == "allow-routes")
     assert changed.pop(routes_rule) == {"destination_port_ranges"}
