@@ -244,7 +244,7 @@ def test_boot_config(hub, slot, ud):
                                     "timeout_s": 900}
         assert host_key_parameter_name(hub) == "/tunnelhub/use/ssh-host-ed25519-key"
         assert boot["slot_wait"] == {"count": 2, "tag": AWS_SLOT_TAG, "timeout_s": 600,
-                                     "require_public_ipv4": True, "private_ips": []}
+                                     "require_public_ipv4": True, "private_ips": ["10.70.0.16", "10.70.0.80"]}
 
 
 def test_aws_private_circuit_and_nat_egress_change_the_slot_wait():

@@ -416,7 +416,10 @@ def boot_config(hub: Hub, slot: int | None) -> dict:
             "tag": AWS_SLOT_TAG,
             "timeout_s": SLOT_WAIT_TIMEOUT_S,
             "require_public_ipv4": hub.egress == "slot_eip",
-            "private_ips": [str(ip) for ip in hub.aws_addresses().slot_private_ips] if hub.private_circuit else [],
+            # Every AWS slot has a fixed private address: the NLB's route target groups (type ip)
+            # register those, so the proxy must configure its slot's address whether or not the
+            # tunnel host dials it over a private circuit.
+            "private_ips": [str(ip) for ip in hub.aws_addresses().slot_private_ips],
         }
     return {
         "hub": hub.name,

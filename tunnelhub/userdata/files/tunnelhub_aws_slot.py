@@ -4,8 +4,8 @@
     tunnelhub_aws_slot.py --count 2 [--require-public-ipv4] [--private-ips 10.70.0.16,10.70.0.17]
 
 The instance boots while its lifecycle hook holds it in Pending:Wait. The Lambda tags it
-``tunnelhub:slot=<n>``, associates the slot's Elastic IP and, with a private circuit, assigns the
-slot's fixed secondary private IP to the primary interface. This script waits (bounded, progress
+``tunnelhub:slot=<n>``, associates the slot's Elastic IP and assigns the
+slot's fixed secondary private IP (what the NLB's route target groups register) to the primary interface. This script waits (bounded, progress
 logged) for the tag in the instance metadata (the launch template must enable instance metadata
 tags), then for the public IPv4 when the proxy egresses from its Elastic IP (nothing can be
 installed before), then for the secondary IP; it configures that address on the interface when
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-public-ipv4", action="store_true",
                         help="wait for the slot's Elastic IP (the proxy egresses from it)")
     parser.add_argument("--private-ips", default="",
-                        help="comma-separated fixed private address of each slot (private circuit)")
+                        help="comma-separated fixed private address of each slot")
     parser.add_argument("--state-file", default=STATE_FILE)
     parser.add_argument("--netplan-file", default=NETPLAN_FILE)
     parser.add_argument("--imds-url", default=IMDS_URL, help=argparse.SUPPRESS)
