@@ -120,7 +120,8 @@ def test_aws_first_boot_waits_for_the_slot_and_fetches_the_bucket_files(tmp_path
     done, _ = box.run()
     assert done.returncode == 0, done.stdout + done.stderr
     calls = box.calls()
-    slot = calls.index("tunnelhub_aws_slot.py --count 2 --tag tunnelhub:slot --timeout-s 600 --require-public-ipv4")
+    slot = calls.index("tunnelhub_aws_slot.py --count 2 --tag tunnelhub:slot --timeout-s 600 --require-public-ipv4 "
+                       "--private-ips 10.70.0.16,10.70.0.80")
     files = calls.index(f"tunnelhub_fetch_files.py --config {box.config}")
     key = calls.index("tunnelhub_fetch_host_key.py --source aws-ssm --timeout-s 900 "
                       "--parameter /tunnelhub/use/ssh-host-ed25519-key")
