@@ -493,6 +493,10 @@ class OnPrem(_Model):
     """The tunnel host reaches the proxies' private addresses (ExpressRoute, VPN, Direct Connect).
     Azure: always (the proxies have no public address). AWS default: false (it dials the slots'
     Elastic IPs)."""
+    tcp_quickack: bool = True
+    """The on-prem package routes each proxy address with ``quickack 1``, so the tunnel host
+    acknowledges at once and a new tunneled connection does not wait ~40 ms on the proxy's
+    Nagle/delayed-ACK interplay (sshd leaves Nagle on for sessions without a terminal)."""
 
 
 class ClassicCompute(_Model):
