@@ -57,6 +57,9 @@ _LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _TF_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _UC_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NCC_NAME_RE = re.compile(r"^[0-9a-zA-Z_-]{3,30}$")
+_POLICY_NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,32}$")
+_IMDS_TAG_KEY_RE = re.compile(r"^[A-Za-z0-9+\-=.,_:@]{1,128}$")
+AZURE_ADMIN_KEY_TYPES = ("ssh-ed25519", "ssh-rsa")
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _LINUX_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _RESERVED_USERS = frozenset({"root", "daemon", "bin", "sys", "sync", "nobody", "sshd", "admin", "ubuntu"})
@@ -214,6 +217,31 @@ def _rsa_bits(blob: bytes) -> int:
         offset += 4 + length
     modulus = fields[2].lstrip(b"\x00")
     return len(modulus) * 8 - (8 - modulus[0].bit_length()) if modulus else 0
+
+
+_AZURE_NETWORK_ID_RE = re.compile(
+    r"^/subscriptions/(?P<subscription>[^/]+)/resourceGroups/(?P<group>[^/]+)/providers/"
+    r"Microsoft\.Network/virtualNetworks/(?P<vnet>[^/]+)(?:/subnets/(?P<subnet>[^/]+))?$",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class AzureNetworkId:
+    """The parts of a VNet or subnet resource id."""
+
+    subscription_id: str
+    resource_group: str
+    vnet_name: str
+    subnet_name: str | None
+
+
+def parse_azure_network_id(resource_id: str) -> AzureNetworkId | None:
+    """Split ``/subscriptions/<s>/resourceGroups/<g>/providers/Microsoft.Network/virtualNetworks/<v>[/subnets/<n>]``."""
+    m = _AZURE_NETWORK_ID_RE.match(resource_id)
+    if m is None:
+        return None
+    return AzureNetworkId(m["subscription"].lower(), m["group"], m["vnet"], m["subnet"])
 
 
 def _tf_var(value: str) -> str:
@@ -526,8 +554,9 @@ class NetworkPolicy(_Model):
 
 class ForeignCatalog(_Model):
     name: UcName
-    database: str
-    """The remote database (mysql/postgresql/sqlserver) or service name (oracle)."""
+    database: str | None = None
+    """The remote database (postgresql, sqlserver) or service name (oracle); required for those,
+    not used for mysql (a MySQL foreign catalog mirrors every database as a schema)."""
 
 
 class Connection(_Model):
@@ -1018,6 +1047,31 @@ def _check_spec(spec: SpecFile) -> list[SpecIssue]:
                                         "workspace; each hub stack needs its own workspace", hub.backend.workspace, hub.name))
             workspaces.setdefault(key, i)
         issues.extend(_check_hub(hub, ("hubs", i)))
+    # A workspace has one NCC: two serverless hubs binding theirs to it would take it from each other.
+    serverless: dict[str, int] = {}
+    catalogs: dict[tuple[str, str], int] = {}
+    for i, hub in enumerate(spec.hubs):
+        db = hub.databricks
+        if db is None:
+            continue
+        if db.serverless_enabled:
+            if db.workspace_id in serverless:
+                other = spec.hubs[serverless[db.workspace_id]].name
+                issues.append(SpecIssue(("hubs", i, "databricks", "workspace_id"),
+                                        f"warning: hub {other!r} also binds its NCC to this workspace, and a workspace "
+                                        "has one NCC: the last deploy wins; give both hubs the same ncc_name only if "
+                                        "you manage that NCC elsewhere", db.workspace_id, hub.name))
+            serverless.setdefault(db.workspace_id, i)
+        for k, c in enumerate(db.connections):
+            if c.foreign_catalog is None:
+                continue
+            key = (db.workspace_id, c.foreign_catalog.name)
+            if key in catalogs and catalogs[key] != i:
+                issues.append(SpecIssue(("hubs", i, "databricks", "connections", k, "foreign_catalog", "name"),
+                                        f"hub {spec.hubs[catalogs[key]].name!r} creates a foreign catalog of this name "
+                                        "in the same workspace; catalog names must be unique", c.foreign_catalog.name,
+                                        hub.name))
+            catalogs.setdefault(key, i)
     # Hubs reached from the same on-prem network must not overlap each other.
     for i, a in enumerate(spec.hubs):
         for j in range(i):
@@ -1152,6 +1206,34 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
         if r.tunnel_port == px.health_port:
             issue(rp, "this is the proxies' health port; pick another tunnel port", r.tunnel_port)
 
+    # cloud-specific rules
+    if hub.cloud == "aws":
+        if hub.egress == "nat_gateway" and not hub.private_circuit:
+            issue(("network", "egress"), "with a NAT gateway the proxies sit in subnets without an inbound path from "
+                  "the internet, so the tunnel host cannot dial their Elastic IPs: set onprem.private_circuit: true "
+                  "(Direct Connect or VPN to the proxies' private addresses), or use egress: slot_eip", hub.egress)
+        for key in sorted(hub.tags):
+            if not _IMDS_TAG_KEY_RE.match(key) or key in (".", "..", "_index"):
+                issue(("tags", key), "the proxies expose their tags in instance metadata (they read their slot "
+                      "there), which allows tag keys of letters, digits and + - = . , _ : @ only; rename this tag", key)
+        if px.count % hub.zone_count:
+            issue(("proxies", "count"), f"warning: {px.count} slots over {hub.zone_count} zones leaves the zones "
+                  "uneven; when the Auto Scaling group balances a launch into a zone whose slots are all taken, "
+                  "the launch is abandoned and retried elsewhere (use a multiple of the zone count)", px.count)
+    else:
+        for k, key in enumerate(px.admin_ssh_public_keys):
+            if key.split(" ", 1)[0] not in AZURE_ADMIN_KEY_TYPES:
+                issue(("proxies", "admin_ssh_public_keys", k), "Azure VMs accept only ssh-ed25519 and ssh-rsa admin "
+                      "keys; give one of those (ssh-keygen -t ed25519)", key.split(" ", 1)[0])
+        existing = net.existing_vnet
+        if existing is not None:
+            for key in ("vnet_id", "proxy_subnet_id", "pls_nat_subnet_id"):
+                parts = parse_azure_network_id(getattr(existing, key))
+                if parts is None or (key != "vnet_id") != (parts.subnet_name is not None):
+                    shape = ".../virtualNetworks/<vnet>" + ("" if key == "vnet_id" else "/subnets/<subnet>")
+                    issue(("network", "existing_vnet", key), f"must be a Microsoft.Network id ending in {shape}",
+                          getattr(existing, key))
+
     # on-prem
     op = hub.onprem
     if hub.cloud == "azure" and op.private_circuit is False:
@@ -1180,10 +1262,17 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
         if db.classic is not None:
             cl = db.classic
             if hub.cloud == "azure":
-                try:
-                    _azure_resource_id(cl.network_id)
-                except PydanticCustomError as exc:
-                    issue(dp + ("classic", "network_id"), "Azure: " + exc.message(), cl.network_id)
+                workspace = parse_azure_network_id(cl.network_id)
+                if workspace is None or workspace.subnet_name is not None:
+                    issue(dp + ("classic", "network_id"), "Azure: must be the workspace VNet's resource id, ending in "
+                          ".../Microsoft.Network/virtualNetworks/<vnet>", cl.network_id)
+                else:
+                    own = hub.azure.subscription_id if hub.azure is not None else None
+                    if cl.remote_peering_enabled and own is not None and own != workspace.subscription_id:
+                        issue(dp + ("classic", "remote_peering_enabled"), f"the workspace VNet is in subscription "
+                              f"{workspace.subscription_id} but the hub deploys to {own}; the stack cannot create the "
+                              "workspace-side peering there: set remote_peering_enabled: false and create that half "
+                              "with rights in the workspace's subscription", True)
                 if cl.aws_account_id or cl.aws_route_table_ids:
                     issue(dp + ("classic",), "aws_account_id / aws_route_table_ids apply to AWS hubs only")
             else:
@@ -1198,7 +1287,37 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
                     if c.overlaps(hc):
                         issue(dp + ("classic", "cidrs", k), f"overlaps the hub network {hc}; peered networks must not "
                               "overlap", str(c))
+            if not cl.remote_peering_enabled or (hub.cloud == "aws" and cl.aws_account_id is not None):
+                issue(dp + ("classic",), "warning: the route domains get no private DNS zone on the classic "
+                      "network (the stack cannot attach one to a network it does not peer from both sides, or to "
+                      "another account's VPC): classic compute must use the load balancer address, or you add "
+                      "the zones there yourself")
+        if db.network_policy is not None:
+            policy = db.network_policy.name or f"{hub.name}-egress"
+            if not _POLICY_NAME_RE.match(policy):
+                issue(dp + ("network_policy", "name"), "Databricks network policy ids are 1-32 letters, digits, "
+                      "'_', '.' or '-' (default: <hub>-egress)", policy)
+        passwords = {c.password_var for c in db.connections}
+        catalogs: dict[str, int] = {}
         conn_names: dict[str, int] = {}
+        for k, c in enumerate(db.connections):
+            cp = dp + ("connections", k)
+            if c.user_var is not None and c.user_var in passwords:
+                issue(cp + ("user_var",), "this variable also holds a password (password_var of a connection); give "
+                      "the user its own variable or a literal user", c.user_var)
+            if c.foreign_catalog is not None:
+                fc = c.foreign_catalog
+                if fc.name in catalogs:
+                    issue(cp + ("foreign_catalog", "name"), f"foreign catalog names must be unique; "
+                          f"connections[{catalogs[fc.name]}] already uses it", fc.name)
+                catalogs.setdefault(fc.name, k)
+                route_type = next((r.type for r in hub.routes if r.name == c.route), None)
+                if route_type == "mysql" and fc.database is not None:
+                    issue(cp + ("foreign_catalog", "database"), "warning: a MySQL foreign catalog mirrors every "
+                          "database as a schema, so database is not used; remove it", fc.database)
+                elif route_type in ("postgresql", "sqlserver", "oracle") and fc.database is None:
+                    issue(cp + ("foreign_catalog", "database"), f"a {route_type} foreign catalog needs the remote "
+                          + ("service name" if route_type == "oracle" else "database") + " to mirror")
         for k, c in enumerate(db.connections):
             cp = dp + ("connections", k)
             try:

@@ -46,7 +46,8 @@ def run_checkov(stack_json: Path) -> tuple[int, list[FailedCheck]]:
         return 0, []
     results = report["results"]
     failed = [FailedCheck(c["check_id"], c["check_name"], c["resource"]) for c in results.get("failed_checks", [])]
-    return len(results.get("passed_checks", [])), failed
+    # --quiet leaves the passed checks out of "results"; the summary still counts them.
+    return report.get("summary", {}).get("passed", len(results.get("passed_checks", []))), failed
 
 
 def load_suppressions(name: str) -> dict[str, str]:

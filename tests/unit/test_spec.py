@@ -460,7 +460,7 @@ def test_classic_network_id_per_cloud():
                                          classic={"network_id": "vnet-1", "cidrs": ["10.80.0.0/16"]}))
     assert "must be the workspace VPC id" in spec_errors(hub)
     hub = azure_hub(databricks=_databricks(classic={"network_id": "vpc-0a1b2c3d4e5f60718", "cidrs": ["10.139.0.0/16"]}))
-    assert "Azure: must be an Azure resource id" in spec_errors(hub)
+    assert "Azure: must be the workspace VNet's resource id" in spec_errors(hub)
 
 
 # ------------------------------------------------------------------ backends
@@ -516,3 +516,83 @@ def _databricks(host: str = "https://adb-1234567890123456.7.azuredatabricks.net"
     }
     db.update(overrides)
     return db
+
+
+# ------------------------------------------------------------------ rules the stacks rely on
+
+
+def test_aws_nat_gateway_egress_needs_a_private_circuit():
+    message = spec_errors(aws_hub(network={"cidr": "10.70.0.0/24", "egress": "nat_gateway"}))
+    assert "network.egress = 'nat_gateway': with a NAT gateway" in message
+    assert "set onprem.private_circuit: true" in message
+    assert load_hubs(aws_hub(network={"cidr": "10.70.0.0/24", "egress": "nat_gateway"},
+                             onprem={"source_cidrs": ["192.168.10.0/24"], "private_circuit": True}))
+
+
+def test_aws_tag_keys_must_fit_instance_metadata():
+    assert "tags.cost/center = 'cost/center': the proxies expose their tags" in spec_errors(aws_hub(tags={"cost/center": "1"}))
+    assert load_hubs(azure_hub(tags={"cost/center": "1"}))  # Azure has no such rule
+
+
+def test_uneven_aws_slots_are_a_warning():
+    report = validate_text(spec_text(aws_hub(proxies={"count": 3})), "t.yaml")
+    assert any("3 slots over 2 zones" in w.message for w in report.warnings)
+
+
+def test_azure_admin_keys_are_ed25519_or_rsa():
+    ecdsa = ("ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBG6+PLK6iTYIQIcaJpWPBRJ6Uv4kCJdd6UjDv"
+             "OTpRYjGslamstg8M1Auhvl5kuWhbq0aAOJNd7wwAmLoOKMP+h4= admin@test")
+    assert "Azure VMs accept only ssh-ed25519 and ssh-rsa" in spec_errors(azure_hub(proxies={"admin_ssh_public_keys": [ecdsa]}))
+    assert load_hubs(aws_hub(proxies={"admin_ssh_public_keys": [ecdsa]}))
+
+
+def test_existing_vnet_ids_must_have_the_right_shape():
+    vnet = _existing_vnet()
+    vnet["proxy_subnet_id"] = vnet["vnet_id"] + "/subnets/proxies/extra"
+    assert "existing_vnet.proxy_subnet_id" in spec_errors(azure_hub(network={"existing_vnet": vnet}))
+
+
+def test_workspace_side_peering_in_another_subscription():
+    other = "99999999-8888-7777-6666-555555555555"
+    classic = {"network_id": f"/subscriptions/{other}/resourceGroups/dbx/providers/Microsoft.Network/virtualNetworks/w",
+               "cidrs": ["10.139.0.0/16"]}
+    hub = azure_hub(azure={"subscription_id": "11111111-2222-3333-4444-555555555555"},
+                    databricks=_databricks(classic=classic))
+    assert "set remote_peering_enabled: false" in spec_errors(hub)
+    classic["remote_peering_enabled"] = False
+    report = validate_text(spec_text(azure_hub(azure={"subscription_id": "11111111-2222-3333-4444-555555555555"},
+                                               databricks=_databricks(classic=classic))), "t.yaml")
+    assert any("get no private DNS zone on the classic network" in w.message for w in report.warnings)
+
+
+def test_network_policy_name():
+    hub = azure_hub(databricks=_databricks(network_policy={"name": "weu egress policy"}))
+    assert "network_policy.name = 'weu egress policy': Databricks network policy ids" in spec_errors(hub)
+
+
+def test_user_variable_must_not_be_a_password_variable_and_catalogs_unique():
+    hub = azure_hub(databricks=_databricks(connections=[
+        {"route": "orders-mysql", "user": "u", "password_var": "pw1", "foreign_catalog": {"name": "orders"}},
+        {"route": "billing-pg", "user_var": "pw1", "password_var": "pw2",
+         "foreign_catalog": {"name": "orders", "database": "billing"}},
+    ]))
+    message = spec_errors(hub)
+    assert "connections[1].user_var = 'pw1': this variable also holds a password" in message
+    assert "connections[1].foreign_catalog.name = 'orders': foreign catalog names must be unique" in message
+
+
+def test_foreign_catalog_database_per_type():
+    needs = azure_hub(databricks=_databricks(connections=[
+        {"route": "billing-pg", "user": "u", "password_var": "p", "foreign_catalog": {"name": "billing"}}]))
+    assert "a postgresql foreign catalog needs the remote database" in spec_errors(needs)
+    unused = validate_text(spec_text(azure_hub(databricks=_databricks(connections=[
+        {"route": "orders-mysql", "user": "u", "password_var": "p", "foreign_catalog": {"name": "o", "database": "x"}}]))),
+        "t.yaml")
+    assert any("MySQL foreign catalog mirrors every database" in w.message for w in unused.warnings)
+
+
+def test_two_serverless_hubs_on_one_workspace_warn():
+    report = validate_text(spec_text(azure_hub(databricks=_databricks()),
+                                     azure_hub(name="weu2", network={"cidr": "10.61.0.0/24"}, databricks=_databricks())),
+                           "t.yaml")
+    assert any("also binds its NCC to this workspace" in w.message for w in report.warnings)

@@ -27,7 +27,6 @@ are set as ``TF_VAR_<name>`` or as Terraform Cloud workspace variables.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from cdktf import TerraformProvider, TerraformVariable, TerraformVariableValidationConfig
@@ -55,7 +54,6 @@ FOREIGN_CATALOG_OPTION = {"postgresql": "database", "sqlserver": "database", "or
 foreign catalog mirrors every database of the server as a schema and takes no database option."""
 ENFORCEMENT_MODES = {"enforced": "ENFORCED", "dry_run": "DRY_RUN"}
 DEFAULT_APPROVAL_WAIT_S = 60
-_POLICY_ID_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,32}$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -397,7 +395,7 @@ def classic_dns_enabled(hub: S.Hub) -> bool:
 
 
 def _check(props: DatabricksLinkProps) -> None:
-    """Wiring mistakes raise TypeError; spec values Databricks would reject raise SpecError."""
+    """Wiring mistakes raise TypeError (the spec validates the values Databricks would reject)."""
     hub = props.hub
     db = hub.databricks
     if db is None:
@@ -415,28 +413,3 @@ def _check(props: DatabricksLinkProps) -> None:
         if not 0 <= props.approval_wait_s <= 3600:
             raise TypeError(f"approval_wait_s must be 0-3600 seconds, not {props.approval_wait_s}")
 
-    issues: list[S.SpecIssue] = []
-    if db.network_policy is not None and not _POLICY_ID_RE.match(network_policy_name(hub)):
-        issues.append(S.SpecIssue(
-            ("databricks", "network_policy", "name"),
-            "Databricks network policy ids are 1-32 letters, digits, '_', '.' or '-' (default: <hub>-egress)",
-            network_policy_name(hub), hub.name))
-    passwords = {c.password_var for c in db.connections}
-    for k, c in enumerate(db.connections):
-        if c.user_var is not None and c.user_var in passwords:
-            issues.append(S.SpecIssue(
-                ("databricks", "connections", k, "user_var"),
-                "this variable also holds a password (password_var of a connection); give the user its own "
-                "variable or a literal user", c.user_var, hub.name))
-    catalogs: dict[str, int] = {}
-    for k, c in enumerate(db.connections):
-        if c.foreign_catalog is None:
-            continue
-        if c.foreign_catalog.name in catalogs:
-            issues.append(S.SpecIssue(
-                ("databricks", "connections", k, "foreign_catalog", "name"),
-                f"foreign catalog names must be unique; connections[{catalogs[c.foreign_catalog.name]}] already "
-                "uses it", c.foreign_catalog.name, hub.name))
-        catalogs.setdefault(c.foreign_catalog.name, k)
-    if issues:
-        raise S.SpecError(issues, source=None)
