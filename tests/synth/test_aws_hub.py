@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLE_SPEC
-from tests.helpers import TUNNEL_KEY, aws_hub, load_hubs, mutated, spec_text
+from tests.helpers import TUNNEL_KEY, aws_hub, load_hubs, spec_text
 from tunnelhub.spec import SpecError, load_spec, validate_text
 
 pytestmark = pytest.mark.synth
