@@ -81,23 +81,41 @@ def _package_root(package: str) -> ModuleType:
     if spec is None or spec.submodule_search_locations is None:
         raise ModuleNotFoundError(f"{package} is not an installed package")
     root = importlib.util.module_from_spec(spec)
+    submodules = _SUBMODULE_IMPORT.findall(Path(spec.origin).read_text(encoding="utf-8"))
+    known = frozenset(submodules)
+
+    def __getattr__(name: str) -> ModuleType:  # PEP 562: `aws.vpc` imports vpc on first use
+        if name in known:
+            return importlib.import_module(f"{package}.{name}")
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    root.__getattr__ = __getattr__
+    root.__all__ = submodules
     sys.modules[package] = root
 
     # Let jsii import a submodule on demand when the kernel returns one of its
     # types: map each submodule's jsii FQN ("@cdktf/provider-aws.dataAwsVpc")
     # to its Python module ("cdktf_cdktf_provider_aws.data_aws_vpc").
-    init_source = Path(spec.origin).read_text(encoding="utf-8")
     jsii_init = Path(spec.submodule_search_locations[0], "_jsii", "__init__.py")
     assembly = _ASSEMBLY_LOAD.search(jsii_init.read_text(encoding="utf-8"))
     if assembly:
         from jsii import _reference_map
 
         _reference_map._submodule_fqn_map.update({
-            f"{assembly.group(1)}.{_snake_to_camel(sub)}": f"{package}.{sub}"
-            for sub in _SUBMODULE_IMPORT.findall(init_source)
+            f"{assembly.group(1)}.{_snake_to_camel(sub)}": f"{package}.{sub}" for sub in submodules
         })
         _reference_map._assembly_to_module[assembly.group(1)] = package
     return root
+
+
+def lazy_packages(*packages: str) -> None:
+    """Make ``import <package>`` / ``from <package>.vpc import Vpc`` load only what is used.
+
+    Call before anything imports these packages; idiomatic imports then work
+    unchanged and import one submodule each.
+    """
+    for package in packages:
+        _package_root(package)
 
 
 def import_submodule(package: str, submodule: str) -> ModuleType:
