@@ -204,7 +204,8 @@ def run_once(spec: dict, python: str) -> dict:
         fresh = tempfile.mkdtemp(prefix="jsii-probe-pkgcache-")
         spec = {**spec, "cache_root": fresh}
     began = time.perf_counter()
-    proc = subprocess.run([python, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+    proc = subprocess.run([python, *spec.get("python_flags", []), str(Path(__file__).resolve()),
+                           "--child", json.dumps(spec)],
                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     wall = time.perf_counter() - began
     if fresh:
@@ -214,6 +215,7 @@ def run_once(spec: dict, python: str) -> dict:
         raise SystemExit(f"scenario {spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(line[len("PROBE "):])
     result["wall"] = wall
+    result["cpu"] = result["py_cpu"] + result["node_cpu"]  # up to the end of the work, teardown excluded
     result["shutdown"] = wall - result["end"]  # interpreter start is in here too (~0.05 s)
     for kind, path, value, unit in TIMING.findall(proc.stderr):
         if "provider-" in path:
@@ -282,7 +284,7 @@ def section_imports(args) -> None:
 
 
 def section_levers(args) -> None:
-    cols = ["import", "kernel_load", "require", "shutdown", "py_hwm_mb:.0f", "node_hwm_mb:.0f"]
+    cols = ["import", "kernel_load", "require", "shutdown", "cpu:.1f", "py_hwm_mb:.0f", "node_hwm_mb:.0f"]
     t = Table(f"Levers, each alone, then combined: `import {AWS}` (+ its provider submodule)", cols)
     base = {"imports": [AWS], "timing": True}
     measure(t, "baseline (node 20, defaults)", base, args)
@@ -316,13 +318,15 @@ def section_levers(args) -> None:
 
 def section_synth(args) -> None:
     t = Table("Synth floor: 38-resource aws stack, App + stack + app.synth()",
-              ["import", "synth", "kernel_synth", "shutdown", "py_hwm_mb:.0f", "node_hwm_mb:.0f"])
+              ["import", "synth", "kernel_synth", "shutdown", "cpu:.1f", "py_hwm_mb:.0f", "node_hwm_mb:.0f"])
     with tempfile.TemporaryDirectory(prefix="jsii-probe-") as out:
         naive = {"imports": [AWS], "synth": ["aws"], "outdir": out + "/naive"}
         fast = {"imports": [AWS], "synth": ["aws"], "outdir": out + "/fast",
                 "lazy_js": True, "lazy_py": True, "fast_exit": True}
         measure(t, "naive (import package root)", naive, args)
         measure(t, "fast (lazy JS + lazy Python + os._exit)", fast, args)
+        measure(t, "fast + python -O (skips the bindings' typeguard checks)",
+                {**fast, "outdir": out + "/fastO", "python_flags": ["-O"]}, args)
         same = (Path(out, "naive/stacks/aws-hub/cdk.tf.json").read_text()
                 == Path(out, "fast/stacks/aws-hub/cdk.tf.json").read_text())
         print(f"\nfast and naive cdk.tf.json byte-identical: {same}")
