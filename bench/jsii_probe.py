@@ -46,7 +46,8 @@ QUIET = {
     "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20",
     "JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION": "1",
 }
-TIMING = re.compile(r"\[@jsii/kernel:timing\] (tar\.extract|require)\((\S+?)(?:\)| =>).*?: ([\d.]+)(ms|s)$")
+TIMING = re.compile(r"\[@jsii/kernel:timing\] (tar\.extract|require)\((\S+?)(?:\)| =>).*?: ([\d.]+)(ms|s)$",
+                    re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- child
@@ -424,7 +425,32 @@ def section_node(args) -> None:
                       flush=True)
 
 
-SECTIONS = {"imports": section_imports, "levers": section_levers, "node": section_node,
+def section_verify(args) -> None:
+    """fastjsii's FQN map against every provider submodule's own jsii_type (no node needed)."""
+    print("\n## fastjsii check: jsii FQN -> Python submodule map vs each submodule's jsii_type\n")
+    code = (
+        "import importlib.util, re, sys, json; from pathlib import Path\n"
+        f"sys.path.insert(0, {str(HERE)!r}); import fastjsii; from jsii import _reference_map as rm\n"
+        "out = {}\n"
+        f"for pkg in {[AWS, AZURE, DATABRICKS, TLS]!r}:\n"
+        "    fastjsii._package_root(pkg); inverse = {v: k for k, v in rm._submodule_fqn_map.items()}\n"
+        "    base = Path(importlib.util.find_spec(pkg).submodule_search_locations[0]); ok = bad = 0\n"
+        "    for init in sorted(base.glob('*/__init__.py')):\n"
+        "        if init.parent.name == '_jsii': continue\n"
+        "        with open(init, encoding='utf-8') as fh: m = re.search(r'jsii_type=\"([^\"]+)\"', fh.read(200000))\n"
+        "        if not m: continue\n"
+        "        if inverse.get(f'{pkg}.{init.parent.name}') == m.group(1).rsplit('.', 1)[0]: ok += 1\n"
+        "        else: bad += 1; print('mismatch', pkg, init.parent.name, file=sys.stderr)\n"
+        "    out[pkg] = [ok, bad]\n"
+        "print(json.dumps(out))\n")
+    proc = subprocess.run([args.python, "-c", code], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise SystemExit(f"verify failed:\n{proc.stderr[-2000:]}")
+    for package, (ok, bad) in json.loads(proc.stdout).items():
+        print(f"- {package}: {ok} submodules mapped correctly, {bad} wrong")
+
+
+SECTIONS = {"verify": section_verify, "imports": section_imports, "levers": section_levers, "node": section_node,
             "synth": section_synth, "parallel": section_parallel}
 
 
