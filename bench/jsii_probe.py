@@ -218,7 +218,8 @@ def run_once(spec: dict, python: str) -> dict:
     result["wall"] = wall
     result["cpu"] = result["py_cpu"] + result["node_cpu"]  # up to the end of the work, teardown excluded
     result["shutdown"] = wall - result["end"]  # interpreter start is in here too (~0.05 s)
-    for kind, path, value, unit in TIMING.findall(proc.stderr):
+    # console.time() output of the kernel reaches python on the node process' stdout
+    for kind, path, value, unit in TIMING.findall(proc.stdout + proc.stderr):
         if "provider-" in path:
             seconds = float(value) / (1000 if unit == "ms" else 1)
             result[kind] = result.get(kind, 0.0) + seconds
@@ -313,6 +314,7 @@ def section_levers(args) -> None:
     measure(t, "lazy Python submodules (fastjsii.import_submodule)", {**base, "lazy_py": True}, args)
     fast = {**base, "lazy_js": True, "lazy_py": True, "fast_exit": True}
     measure(t, "lazy JS + lazy Python + os._exit", fast, args)
+    measure(t, "lazy JS + lazy Python + os._exit, package cache cold", {**fast, "cache_root": "fresh"}, args)
     if args.node24:
         measure(t, "lazy JS + lazy Python + os._exit + node 24", {**fast, "node": args.node24}, args)
 
@@ -450,7 +452,57 @@ def section_verify(args) -> None:
         print(f"- {package}: {ok} submodules mapped correctly, {bad} wrong")
 
 
-SECTIONS = {"verify": section_verify, "imports": section_imports, "levers": section_levers, "node": section_node,
+PROFILE_CATEGORIES = (
+    ("waiting for python (blocking read of the request pipe)", lambda fn, url: fn == "read" and not url),
+    ("V8 compile of module source (wrapSafe/compileFunction)",
+     lambda fn, url: fn in ("wrapSafe", "compileFunction", "compileFunctionForCJSLoader")),
+    ("reading module files", lambda fn, url: fn in ("readFileUtf8", "readFileSync", "tryReadSync", "readSync")),
+    ("module resolution (stat, realpath, package.json)",
+     lambda fn, url: fn in ("internalModuleStat", "internalModuleReadJSON", "realpathSync", "toRealPath")
+     or "_findPath" in fn or "_resolve" in fn or "package_json_reader" in url),
+    ("garbage collector", lambda fn, url: fn == "(garbage collector)"),
+    ("provider JS top-level code", lambda fn, url: "/provider-" in url),
+    ("cdktf/constructs JS", lambda fn, url: "/cdktf/" in url or "/constructs/" in url),
+    ("jsii kernel JS", lambda fn, url: "program.js" in url),
+)
+
+
+def _summarize_cpuprofile(path: Path) -> list[tuple[str, float]]:
+    profile = json.loads(path.read_text())
+    nodes = {node["id"]: node["callFrame"] for node in profile["nodes"]}
+    totals: dict[str, float] = {}
+    for sample, delta in zip(profile["samples"], profile["timeDeltas"]):
+        frame = nodes[sample]
+        fn, url = frame["functionName"], frame["url"]
+        category = next((name for name, match in PROFILE_CATEGORIES if match(fn, url)), "other (node internals, V8)")
+        totals[category] = totals.get(category, 0.0) + delta / 1e6
+    return sorted(totals.items(), key=lambda item: -item[1])
+
+
+def section_profile(args) -> None:
+    """node --cpu-prof of the kernel while `import cdktf_cdktf_provider_aws` runs, naive and lazy."""
+    print("\n## node CPU profile of the jsii kernel (program.js) during `import cdktf_cdktf_provider_aws`\n")
+    print("(--cpu-prof is refused in NODE_OPTIONS, so JSII_NODE points at a wrapper script; self time)\n")
+    with tempfile.TemporaryDirectory(prefix="jsii-probe-prof-") as tmp:
+        rows: dict[str, dict[str, float]] = {}
+        for label, extra in (("naive", {}), ("lazy JS + lazy Python", {"lazy_js": True, "lazy_py": True})):
+            out = Path(tmp, label.split()[0])
+            out.mkdir()
+            wrapper = Path(tmp, f"node-{out.name}.sh")
+            wrapper.write_text(f'#!/bin/sh\nexec "{shutil.which("node")}" --cpu-prof --cpu-prof-dir="{out}" "$@"\n')
+            wrapper.chmod(0o755)
+            run_once({"imports": [AWS], "node": str(wrapper), **extra}, args.python)
+            biggest = max(out.glob("*.cpuprofile"), key=lambda p: p.stat().st_size)  # program.js, not the launcher
+            rows[label] = dict(_summarize_cpuprofile(biggest))
+        labels = list(rows)
+        categories = sorted({c for r in rows.values() for c in r}, key=lambda c: -rows[labels[0]].get(c, 0))
+        print("| category (seconds) | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels))
+        for category in categories:
+            print(f"| {category} | " + " | ".join(f"{rows[l].get(category, 0.0):.2f}" for l in labels) + " |")
+        print(f"| total sampled | " + " | ".join(f"{sum(rows[l].values()):.2f}" for l in labels) + " |")
+
+
+SECTIONS = {"verify": section_verify, "imports": section_imports, "profile": section_profile, "levers": section_levers, "node": section_node,
             "synth": section_synth, "parallel": section_parallel}
 
 
