@@ -226,36 +226,41 @@ def run_once(spec: dict, python: str) -> dict:
     return result
 
 
-def loadavg() -> str:
-    return Path("/proc/loadavg").read_text().split()[0]
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 class Table:
+    """Rows run interleaved (round r runs every row once), so load drift hits all rows alike."""
+
     def __init__(self, title: str, columns: list[str]):
-        self.title, self.columns = title, columns
-        print(f"\n## {title}\n")
-        names = [c.partition(":")[0] for c in columns]
+        self.title, self.columns, self.rows = title, columns, []
+
+    def add(self, name: str, spec: dict) -> None:
+        self.rows.append((name, spec))
+
+    def run(self, args) -> dict[str, list[dict]]:
+        results: dict[str, list[dict]] = {name: [] for name, _ in self.rows}
+        loads: dict[str, list[float]] = {name: [] for name, _ in self.rows}
+        for _ in range(args.runs):
+            for name, spec in self.rows:
+                loads[name].append(loadavg())
+                results[name].append(run_once(spec, args.python))
+        print(f"\n## {self.title}\n")
+        names = [c.partition(":")[0] for c in self.columns]
         print("| " + " | ".join(["scenario", "wall min", "wall median", *names, "load"]) + " |")
-        print("|" + "---|" * (len(columns) + 4))
-
-    def row(self, name: str, results: list[dict]) -> dict:
-        walls = [r["wall"] for r in results]
-        best = min(results, key=lambda r: r["wall"])
-        cells = []
-        for column in self.columns:
-            key, _, fmt = column.partition(":")
-            values = [r.get(key) for r in results if r.get(key) is not None]
-            value = statistics.median(values) if values else None
-            cells.append("-" if value is None else format(value, fmt or ".2f"))
-        print(f"| {name} | {min(walls):.2f} | {statistics.median(walls):.2f} | "
-              + " | ".join(cells) + f" | {self.load} |", flush=True)
-        return {"min": min(walls), "median": statistics.median(walls), "best": best}
-
-
-def measure(table: Table, name: str, spec: dict, args, runs: int | None = None) -> dict:
-    table.load = loadavg()
-    results = [run_once(spec, args.python) for _ in range(runs or args.runs)]
-    return table.row(name, results)
+        print("|" + "---|" * (len(self.columns) + 4))
+        for name, _ in self.rows:
+            rows = results[name]
+            walls = [r["wall"] for r in rows]
+            cells = []
+            for column in self.columns:
+                key, _, fmt = column.partition(":")
+                values = [r.get(key) for r in rows if r.get(key) is not None]
+                cells.append(format(statistics.median(values), fmt or ".2f") if values else "-")
+            print(f"| {name} | {min(walls):.2f} | {statistics.median(walls):.2f} | " + " | ".join(cells)
+                  + f" | {statistics.mean(loads[name]):.1f} |", flush=True)
+        return results
 
 
 def find_node(major: int, python: str) -> str | None:
@@ -279,7 +284,8 @@ def section_imports(args) -> None:
                "py_cpu:.1f", "node_cpu:.1f", "py_hwm_mb:.0f", "node_hwm_mb:.0f"])
     for package in ("cdktf", TLS, DATABRICKS, AZURE, AWS):
         imports = [] if package == "cdktf" else [package]
-        measure(t, package, {"imports": imports, "timing": True}, args)
+        t.add(package, {"imports": imports, "timing": True})
+    t.run(args)
     print("\nimport = in-process seconds to import; kernel_load = of which waiting on node's `load`"
           " (tar.extract + require of the provider bundle are node's own timings);"
           " python time = import - kernel_start - kernel_load; shutdown = wall - end of script.")
@@ -289,34 +295,37 @@ def section_levers(args) -> None:
     cols = ["import", "kernel_load", "require", "shutdown", "cpu:.1f", "py_hwm_mb:.0f", "node_hwm_mb:.0f"]
     t = Table(f"Levers, each alone, then combined: `import {AWS}` (+ its provider submodule)", cols)
     base = {"imports": [AWS], "timing": True}
-    measure(t, "baseline (node 20, defaults)", base, args)
-    measure(t, f"`import {AWS}.vpc` (one submodule, plain import)", {**base, "imports": [AWS + ".vpc"]}, args)
-    measure(t, "package cache cold (empty JSII_RUNTIME_PACKAGE_CACHE_ROOT)", {**base, "cache_root": "fresh"}, args)
-    measure(t, "JSII_RUNTIME_PACKAGE_CACHE=disabled", {**base, "package_cache": False}, args)
-    measure(t, "python gc threshold 200000 during import", {**base, "gc": "freeze"}, args)
-    measure(t, "python gc.disable()", {**base, "gc": "off"}, args)
-    measure(t, "gc.freeze() after the work (cheap teardown)", {**base, "freeze_end": True}, args)
-    measure(t, "os._exit(0) after the work (skip teardown)", {**base, "fast_exit": True}, args)
-    measure(t, "node flag --max-semi-space-size=64", {**base, "node_flags": "--max-semi-space-size=64"}, args)
+    caches: list[str] = []
+    t.add("baseline (node 20, defaults)", base)
+    t.add(f"`import {AWS}.vpc` (one submodule, plain import)", {**base, "imports": [AWS + ".vpc"]})
+    t.add("package cache cold (empty JSII_RUNTIME_PACKAGE_CACHE_ROOT)", {**base, "cache_root": "fresh"})
+    t.add("JSII_RUNTIME_PACKAGE_CACHE=disabled", {**base, "package_cache": False})
+    t.add("python gc threshold 200000 during import", {**base, "gc": "freeze"})
+    t.add("python gc.disable()", {**base, "gc": "off"})
+    t.add("gc.freeze() after the work (cheap teardown)", {**base, "freeze_end": True})
+    t.add("os._exit(0) after the work (skip teardown)", {**base, "fast_exit": True})
+    t.add("node flag --max-semi-space-size=64", {**base, "node_flags": "--max-semi-space-size=64"})
     for major, path in ((22, args.node22), (24, args.node24)):
         if not path:
             print(f"| node {major} | (no binary: see --node{major}) |")
             continue
-        measure(t, f"JSII_NODE=node {major}", {**base, "node": path}, args)
+        t.add(f"JSII_NODE=node {major}", {**base, "node": path})
         cache = tempfile.mkdtemp(prefix=f"jsii-probe-cc{major}-")
-        try:
-            run_once({**base, "node": path, "compile_cache": cache}, args.python)  # fill
-            measure(t, f"node {major} + NODE_COMPILE_CACHE (warm)",
-                    {**base, "node": path, "compile_cache": cache}, args)
-        finally:
-            shutil.rmtree(cache, ignore_errors=True)
-    measure(t, "lazy JS exports (NODE_OPTIONS=--require jsii_lazy_exports.js)", {**base, "lazy_js": True}, args)
-    measure(t, "lazy Python submodules (fastjsii.import_submodule)", {**base, "lazy_py": True}, args)
+        caches.append(cache)
+        run_once({**base, "node": path, "compile_cache": cache}, args.python)  # fill the cache
+        t.add(f"node {major} + NODE_COMPILE_CACHE (warm)", {**base, "node": path, "compile_cache": cache})
+    t.add("lazy JS exports (NODE_OPTIONS=--require jsii_lazy_exports.js)", {**base, "lazy_js": True})
+    t.add("lazy Python submodules (fastjsii.import_submodule)", {**base, "lazy_py": True})
     fast = {**base, "lazy_js": True, "lazy_py": True, "fast_exit": True}
-    measure(t, "lazy JS + lazy Python + os._exit", fast, args)
-    measure(t, "lazy JS + lazy Python + os._exit, package cache cold", {**fast, "cache_root": "fresh"}, args)
+    t.add("lazy JS + lazy Python + os._exit", fast)
+    t.add("lazy JS + lazy Python + os._exit, package cache cold", {**fast, "cache_root": "fresh"})
     if args.node24:
-        measure(t, "lazy JS + lazy Python + os._exit + node 24", {**fast, "node": args.node24}, args)
+        t.add("lazy JS + lazy Python + os._exit + node 24", {**fast, "node": args.node24})
+    try:
+        t.run(args)
+    finally:
+        for cache in caches:
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 def section_synth(args) -> None:
@@ -326,10 +335,9 @@ def section_synth(args) -> None:
         naive = {"imports": [AWS], "synth": ["aws"], "outdir": out + "/naive"}
         fast = {"imports": [AWS], "synth": ["aws"], "outdir": out + "/fast",
                 "lazy_js": True, "lazy_py": True, "fast_exit": True}
-        measure(t, "naive (import package root)", naive, args)
-        measure(t, "fast (lazy JS + lazy Python + os._exit)", fast, args)
-        measure(t, "fast + python -O (skips the bindings' typeguard checks)",
-                {**fast, "outdir": out + "/fastO", "python_flags": ["-O"]}, args)
+        t.add("naive (import package root)", naive)
+        t.add("fast (lazy JS + lazy Python + os._exit)", fast)
+        t.run(args)
         same = (Path(out, "naive/stacks/aws-hub/cdk.tf.json").read_text()
                 == Path(out, "fast/stacks/aws-hub/cdk.tf.json").read_text())
         print(f"\nfast and naive cdk.tf.json byte-identical: {same}")
@@ -362,25 +370,35 @@ def _parallel(specs: list[dict], python: str) -> dict:
 
 
 def section_parallel(args) -> None:
-    print("\n## One process with both stacks vs two processes in parallel (2 cores)\n")
-    print("| scenario | wall min | wall median | peak MB python (sum) | peak MB node (sum) "
-          "| peak MB per process | load |")
-    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="jsii-probe-") as out:
+        jobs = []
         for label, extra in (("naive", {}),
                              ("fast", {"lazy_js": True, "lazy_py": True, "fast_exit": True})):
             one = {"imports": [AWS, AZURE], "synth": ["aws", "azure"], "outdir": out + f"/{label}1", **extra}
             two = [{"imports": [AWS], "synth": ["aws"], "outdir": out + f"/{label}2a", **extra},
                    {"imports": [AZURE], "synth": ["azure"], "outdir": out + f"/{label}2b", **extra}]
-            for name, job in ((f"{label}: one process, aws + azure", lambda: [run_once(one, args.python)]),
-                              (f"{label}: two processes in parallel", lambda: [_parallel(two, args.python)])):
-                load = loadavg()
-                results = [job()[0] for _ in range(args.runs)]
-                walls = [r["wall"] for r in results]
-                best = min(results, key=lambda r: r["wall"])
-                per = best.get("mem_per_process", f"{best['py_hwm_mb'] + best['node_hwm_mb']:.0f}")
-                print(f"| {name} | {min(walls):.2f} | {statistics.median(walls):.2f} | "
-                      f"{best['py_hwm_mb']:.0f} | {best['node_hwm_mb']:.0f} | {per} | {load} |", flush=True)
+            jobs.append((f"{label}: one process, aws + azure", lambda one=one: run_once(one, args.python)))
+            jobs.append((f"{label}: two processes in parallel", lambda two=two: _parallel(two, args.python)))
+        results = {name: [] for name, _ in jobs}
+        loads = {name: [] for name, _ in jobs}
+        for _ in range(args.runs):  # interleaved rounds
+            for name, job in jobs:
+                loads[name].append(loadavg())
+                results[name].append(job())
+        same = all(Path(out, "naive1/stacks", stack, "cdk.tf.json").read_text()
+                   == Path(out, part, "stacks", stack, "cdk.tf.json").read_text()
+                   for stack, part in (("aws-hub", "fast2a"), ("azure-hub", "fast2b")))
+    print("\n## One process with both stacks vs two processes in parallel (2 cores)\n")
+    print("| scenario | wall min | wall median | peak MB python (sum) | peak MB node (sum) "
+          "| peak MB per process | load |")
+    print("|---|---|---|---|---|---|---|")
+    for name, _ in jobs:
+        walls = [r["wall"] for r in results[name]]
+        best = min(results[name], key=lambda r: r["wall"])
+        per = best.get("mem_per_process", f"{best['py_hwm_mb'] + best['node_hwm_mb']:.0f}")
+        print(f"| {name} | {min(walls):.2f} | {statistics.median(walls):.2f} | {best['py_hwm_mb']:.0f} | "
+              f"{best['node_hwm_mb']:.0f} | {per} | {statistics.mean(loads[name]):.1f} |", flush=True)
+    print(f"\nstack JSON of naive one-process and fast two-process runs byte-identical: {same}")
 
 
 def _package_cache_dir(package: str) -> Path | None:
@@ -391,40 +409,51 @@ def _package_cache_dir(package: str) -> Path | None:
 
 
 def section_node(args) -> None:
-    """node alone: require() the aws bundle from the (stable) jsii package-cache path."""
-    print("\n## node alone: require() of the extracted aws bundle, per node version, "
-          "with and without NODE_COMPILE_CACHE\n")
+    """node alone: require() a bundle from its stable jsii package-cache path, interleaved rounds.
+
+    Unlike inside the kernel (a fresh mkdtemp path every run), the path is stable here, so
+    NODE_COMPILE_CACHE really hits: this is what the compile cache could give at best.
+    """
     aws = _package_cache_dir("@cdktf/provider-aws")
     deps = [_package_cache_dir("cdktf"), _package_cache_dir("constructs")]
     if aws is None or None in deps:
-        print("(the jsii package cache holds no aws/cdktf/constructs yet: run the imports section first)")
+        print("\n(the jsii package cache holds no aws/cdktf/constructs yet: run the imports section first)")
         return
     script = ("const t=process.hrtime.bigint(); require(process.argv[1]);"
               "console.log(Number(process.hrtime.bigint()-t)/1e9)")
-    print("| node | cache | require s min | median | load |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="jsii-probe-node-") as tmp:
         modules = Path(tmp, "node_modules")
         modules.mkdir()
         for dep in deps:
             Path(modules, json.loads(Path(dep, "package.json").read_text())["name"]).symlink_to(dep)
-        for label, node in (("20 (system)", shutil.which("node")), ("22", args.node22), ("24", args.node24)):
-            if not node:
-                continue
-            modes = [("none", None)] + ([("warm compile cache", Path(tmp, f"cc-{label[:2]}"))]
-                                        if label[:2] != "20" else [])
-            for mode, cache in modes:
+        cases = []
+        for target, path in (("aws bundle (2,212 submodules)", aws / "lib/index.js"),
+                             ("cdktf bundle", deps[0] / "lib/index.js")):
+            for label, node in (("20 (system)", shutil.which("node")), ("22", args.node22), ("24", args.node24)):
+                if not node:
+                    continue
                 env = {**os.environ, "NODE_PATH": str(modules)}
                 env.pop("NODE_OPTIONS", None)
-                if cache:
-                    env["NODE_COMPILE_CACHE"] = str(cache)
-                    subprocess.run([node, "-e", script, str(aws / "lib/index.js")], env=env,
-                                   capture_output=True, check=True, timeout=300)
-                load = loadavg()
-                times = [float(subprocess.run([node, "-e", script, str(aws / "lib/index.js")], env=env,
-                                              capture_output=True, text=True, check=True,
-                                              timeout=300).stdout) for _ in range(args.runs)]
-                print(f"| {label} | {mode} | {min(times):.2f} | {statistics.median(times):.2f} | {load} |",
-                      flush=True)
+                cases.append((target, label, "none", node, path, env))
+                if not label.startswith("20"):
+                    cached = {**env, "NODE_COMPILE_CACHE": str(Path(tmp, f"cc-{label}"))}
+                    subprocess.run([node, "-e", script, str(path)], env=cached, capture_output=True,
+                                   check=True, timeout=300)  # fill
+                    cases.append((target, label, "warm compile cache", node, path, cached))
+        times = {i: [] for i in range(len(cases))}
+        loads = {i: [] for i in range(len(cases))}
+        for _ in range(args.runs * 2):
+            for i, (_t, _l, _m, node, path, env) in enumerate(cases):
+                loads[i].append(loadavg())
+                times[i].append(float(subprocess.run([node, "-e", script, str(path)], env=env,
+                                                     capture_output=True, text=True, check=True,
+                                                     timeout=300).stdout))
+    print("\n## node alone: require() of an extracted bundle from a stable path, per node version, "
+          "with and without NODE_COMPILE_CACHE\n")
+    print("| bundle | node | compile cache | require s min | median | load |\n|---|---|---|---|---|---|")
+    for i, (target, label, mode, *_rest) in enumerate(cases):
+        print(f"| {target} | {label} | {mode} | {min(times[i]):.3f} | {statistics.median(times[i]):.3f} "
+              f"| {statistics.mean(loads[i]):.1f} |", flush=True)
 
 
 def section_verify(args) -> None:
