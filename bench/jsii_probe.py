@@ -100,10 +100,28 @@ def child(spec: dict) -> None:
     elif spec.get("gc") == "freeze":
         # collect rarely while hundreds of thousands of class objects are created
         gc.set_threshold(200_000, 50, 1000)
-    import fastjsii
+    import importlib
 
-    fastjsii.configure(node=spec.get("node"), lazy_exports=spec.get("lazy_js", False),
-                       compile_cache=spec.get("compile_cache"), node_flags=spec.get("node_flags", ""))
+    from tunnelhub import jsii_env
+
+    # The knobs of this probe, on top of the package's jsii_env (which tunnelhub itself uses).
+    os.environ.update({"JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20",
+                       "JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION": "1"})
+    if spec.get("node"):
+        os.environ["JSII_NODE"] = spec["node"]
+    if spec.get("compile_cache"):
+        os.environ["NODE_COMPILE_CACHE"] = spec["compile_cache"]
+    node_options = [f'--require "{jsii_env.LAZY_EXPORTS_JS}"'] if spec.get("lazy_js", False) else []
+    node_options += [spec["node_flags"]] if spec.get("node_flags") else []
+    if node_options:
+        os.environ["NODE_OPTIONS"] = " ".join(node_options)
+
+    class fastjsii:  # noqa: N801 - the research module's name, kept for the rows below
+        @staticmethod
+        def import_submodule(package: str, submodule: str):
+            if package not in sys.modules:
+                jsii_env._lazy_package(package)
+            return importlib.import_module(f"{package}.{submodule}")
     if not spec.get("package_cache", True):
         os.environ["JSII_RUNTIME_PACKAGE_CACHE"] = "disabled"
     if spec.get("cache_root"):
@@ -132,8 +150,6 @@ def child(spec: dict) -> None:
             kernel["start"] += time.perf_counter() - began
 
     jsii_process._NodeProcess.send, jsii_process._NodeProcess.start = timed_send, timed_start
-
-    import importlib
 
     lazy_py = spec.get("lazy_py", False)
     modules: dict[str, object] = {}
@@ -462,10 +478,10 @@ def section_verify(args) -> None:
     print("\n## fastjsii check: jsii FQN -> Python submodule map vs each submodule's jsii_type\n")
     code = (
         "import importlib.util, re, sys, json; from pathlib import Path\n"
-        f"sys.path.insert(0, {str(HERE)!r}); import fastjsii; from jsii import _reference_map as rm\n"
+        "from tunnelhub import jsii_env; from jsii import _reference_map as rm\n"
         "out = {}\n"
         f"for pkg in {[AWS, AZURE, DATABRICKS, TLS]!r}:\n"
-        "    fastjsii._package_root(pkg); inverse = {v: k for k, v in rm._submodule_fqn_map.items()}\n"
+        "    jsii_env._lazy_package(pkg); inverse = {v: k for k, v in rm._submodule_fqn_map.items()}\n"
         "    base = Path(importlib.util.find_spec(pkg).submodule_search_locations[0]); ok = bad = 0\n"
         "    for init in sorted(base.glob('*/__init__.py')):\n"
         "        if init.parent.name == '_jsii': continue\n"

@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tunnelhub.jsii_env import prepare_jsii_environment
+
+# Before any test module imports cdktf: the jsii kernel reads its environment once, and the
+# provider packages must be registered lazily before anything imports them (docs/synth-speed.md).
+prepare_jsii_environment()
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SPEC = ROOT / "examples" / "hubs.yaml"
 
