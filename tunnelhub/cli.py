@@ -34,6 +34,22 @@ def load(spec_path: Path | None) -> S.SpecFile:
         raise click.ClickException(str(exc)) from None
 
 
+def pick_hub(loaded: S.SpecFile, hub_name: str | None) -> S.Hub:
+    """The hub a command works on: the named one, else the spec's only hub."""
+    if hub_name is None:
+        if len(loaded.hubs) != 1:
+            raise click.UsageError("the spec has several hubs (" + ", ".join(h.name for h in loaded.hubs)
+                                   + "): choose one with --hub NAME")
+        return loaded.hubs[0]
+    try:
+        return loaded.hub(hub_name)
+    except S.SpecError:
+        raise click.BadParameter(
+            f"no hub named {hub_name!r}; hubs in this spec: {', '.join(h.name for h in loaded.hubs)}",
+            param_hint="--hub",
+        ) from None
+
+
 def progress(message: str) -> None:
     click.echo(f"tunnelhub: {message}", err=True)
 
@@ -130,7 +146,7 @@ def synth(spec: Path | None, hubs: tuple[str, ...], out: Path, jobs: int | None,
 
 @main.command("render-userdata")
 @spec_argument
-@click.option("--hub", "hub_name", required=True, metavar="NAME", help="The hub whose proxies to render.")
+@click.option("--hub", "hub_name", metavar="NAME", help="The hub whose proxies to render (default: the spec's only hub).")
 @click.option("--slot", type=click.IntRange(min=0), metavar="N",
               help="Azure: the proxy index (0 to proxies.count - 1). AWS: not used (slots are assigned at boot).")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
@@ -139,13 +155,7 @@ def render_userdata(spec: Path | None, hub_name: str, slot: int | None, out: Pat
     """Print the cloud-init (cloud-config YAML) of a hub's proxy; size and gzip decision to stderr."""
     from tunnelhub.userdata import UserDataError, render_cloud_init
 
-    loaded = load(spec)
-    hub = next((h for h in loaded.hubs if h.name == hub_name), None)
-    if hub is None:
-        raise click.BadParameter(
-            f"no hub named {hub_name!r}; hubs in this spec: {', '.join(h.name for h in loaded.hubs)}",
-            param_hint="--hub",
-        )
+    hub = pick_hub(load(spec), hub_name)
     if hub.cloud == "azure" and slot is None:
         raise click.UsageError(
             f"hub {hub.name} is an azure hub: give --slot N, the proxy index from 0 to {hub.proxies.count - 1}"
@@ -224,14 +234,8 @@ def build_deb(
     from tunnelhub import onprem as O
 
     spec_path = spec if spec is not None else default_spec_path()
-    loaded = load(spec_path)
-    if hub_name is None:
-        if len(loaded.hubs) != 1:
-            raise click.UsageError("the spec has several hubs (" + ", ".join(h.name for h in loaded.hubs)
-                                   + "): choose one with --hub NAME")
-        hub_name = loaded.hubs[0].name
+    hub = pick_hub(load(spec_path), hub_name)
     try:
-        hub = loaded.hub(hub_name)
         stack_outputs = O.read_outputs(outputs, hub.stack_name) if outputs is not None else None
         built = O.build_deb(
             hub,

@@ -347,7 +347,7 @@ def test_cli_trust_on_first_use_says_so_loudly(tmp_path):
     (["--hub", "use"], 1, "pass --outputs FILE, written by `cdktf output use-aws --outputs-file FILE`"),
     (["--hub", "weu"], 1, "or --trust-on-first-use"),
     (["--hub", "weu", "--outputs", "missing.json"], 1, "outputs file missing.json does not exist"),
-    (["--hub", "nope"], 1, "no hub named 'nope'; hubs in this spec: weu, use"),
+    (["--hub", "nope"], 2, "no hub named 'nope'; hubs in this spec: weu, use"),
     ([], 2, "the spec has several hubs (weu, use): choose one with --hub NAME"),
     (["--hub", "weu", "--trust-on-first-use", "--version", "v1"], 1, "--version 'v1' is not a Debian version"),
 ])

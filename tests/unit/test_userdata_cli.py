@@ -50,7 +50,7 @@ def test_aws_hub_reports_the_objects_for_the_bucket(tmp_path):
     (["--hub", "use", "--slot", "0"], "hub use is an aws hub: its proxies share one launch template and learn "
                                       "their slot at boot; leave out --slot"),
     (["--hub", "nope"], "Invalid value for --hub: no hub named 'nope'; hubs in this spec: weu, use"),
-    ([], "Missing option '--hub'"),
+    ([], "the spec has several hubs (weu, use): choose one with --hub NAME"),
 ])
 def test_bad_arguments_exit_2_with_one_message(args, message):
     result = invoke(*args)
