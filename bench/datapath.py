@@ -314,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         bench.run()
         print(bench.report())
-        print(f"\n(measured in {time.monotonic() - started:.0f} s)")
+        load = os.getloadavg()
+        print(f"\n(measured in {time.monotonic() - started:.0f} s; load average at the end "
+              f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs)")
         if args.json:
             args.json.write_text(json.dumps([asdict(r) for r in bench.results], indent=2))
         failed = False

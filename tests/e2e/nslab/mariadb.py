@@ -153,8 +153,9 @@ class MariaDB:
                 if re.search(r"Aborted connection", line)]
 
     def connections_from(self, address: str) -> int:
-        """Connections made so far from ``address`` (``performance_schema.hosts``; the host is
-        the address itself here: name lookups fail in the lab)."""
+        """Sessions opened so far from ``address`` (``performance_schema.hosts``; the host is the
+        address itself here: name lookups fail in the lab). Connections dropped before they
+        authenticate are not attributed to a host there: count those with :meth:`aborted_connects`."""
         out = self.sql("SELECT COALESCE(SUM(TOTAL_CONNECTIONS), 0) FROM performance_schema.hosts "
                        f"WHERE HOST = '{address}'").stdout.strip()
         return int(out or 0)
