@@ -1,23 +1,27 @@
 #!/usr/bin/env python3
-"""Data-path benchmark: direct to MariaDB vs through LB -> proxy -> reverse SSH tunnel.
+"""Data-path benchmark: direct to MariaDB vs through what tunnelhub ships, with and without quick-ACK.
 
-Runs in the e2e lab's namespaces (needs root): one proxy, the LB (HAProxy, TCP mode, no
-checks), the client, MariaDB in ``db``, and a direct client-db link for the baseline. Measures,
-in one run, for each path:
+Runs in the e2e lab's namespaces laid out as a hub (``nslab.hub``, needs root): one proxy running
+its rendered cloud-init (HAProxy data plane, sshd with the generated drop-in), the on-prem
+package's unit (``ssh -R`` under autossh, built by ``build_deb``) on the tunnel host behind a
+gateway, MariaDB on the tunnel host's LAN, the LB (HAProxy, TCP mode, no checks) and the client,
+plus a client-db link for the direct baseline. Measured, for each path:
 
 - small-query round trip: median and p99 of ``--queries`` ``SELECT 1`` over one connection;
-- new-connection setup: time from ``connect()`` to the server's first byte (the MySQL
-  greeting) on a fresh connection, ``--connections`` times (median, p95, p99);
-- bulk transfer: a ``--bulk-mib`` MiB result (``SELECT REPEAT('x', 1 MiB) FROM seq_1_to_N``).
+- new-connection setup: time from ``connect()`` to the server's first byte (the MySQL greeting)
+  on a fresh connection, ``--connections`` back to back (median, p95, p99), and a sixth as many
+  100 ms apart; plus a full login (connect, greeting, authentication) back to back;
+- bulk transfer: a ``--bulk-mib`` MiB result read as raw MySQL packets (PyMySQL's row decoding
+  would cap it), compared with a direct run measured right before and after (the load drifts).
 
-The proxy data plane is pluggable (the reference's socat, socat with ``nodelay``, HAProxy in
-TCP mode) and so is the tunnel (ssh options: cipher, compression, and TCP quick-ACK on the
-tunnel's routes to test the Nagle/delayed-ACK interplay). Segments are measured separately
-(tunnel alone from inside the proxy, bridge + tunnel from the LB, the full path from the
-client) to show where the time goes.
+Paths: direct (client -> MariaDB); tunnel (inside the proxy -> the ``ssh -R`` listener);
+proxy NIC (LB namespace -> proxy HAProxy -> tunnel); full (client -> LB -> proxy -> tunnel).
+The tunnel paths run twice: the package built with ``onprem.tcp_quickack: true`` (its
+ExecStartPre adds the quick-ACK host route) and with ``false``. The ratios are printed against
+the issue's targets: bulk >= 0.5x direct, added round trip <= 250 us, added setup <= 5 ms.
 
-    python3 bench/datapath.py                # everything (a few minutes)
-    python3 bench/datapath.py --quick        # fewer samples
+    python3 bench/datapath.py                # everything (~3 minutes)
+    python3 bench/datapath.py --quick        # fewer samples (the targets' minimums are not met)
     python3 bench/datapath.py --json out.json
 """
 
@@ -30,20 +34,24 @@ import socket
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "e2e")]
 
 from nslab.client import Endpoint  # noqa: E402
-from nslab.haproxy import Haproxy, LbRoute, data_plane_config  # noqa: E402
+from nslab.hub import ROUTE_PORT, GeneratedHub, hub_lab  # noqa: E402
 from nslab.lab import DB_PORT, TUNNEL_PORT, Lab  # noqa: E402
 from nslab.netns import in_netns  # noqa: E402
 from nslab.proc import LabError, interrupt_on_sigterm  # noqa: E402
-from nslab.unit import ServiceRunner, UnitCommand  # noqa: E402
+
+from tunnelhub.userdata import render_cloud_init  # noqa: E402
 
 PROXY = "proxy1"
-NIC_PORT = 3306
+TARGET_BULK_RATIO = 0.5
+TARGET_ADDED_RTT_US = 250
+TARGET_ADDED_CONNECT_MS = 5.0
 
 
 @dataclass
@@ -55,9 +63,10 @@ class Measure:
     connect_p95_ms: float = 0.0
     connect_p99_ms: float = 0.0
     connect_spaced_median_ms: float = 0.0
+    login_median_ms: float = 0.0
+    login_p95_ms: float = 0.0
     bulk_mib_s: float = 0.0
     bulk_direct_mib_s: float = 0.0  # direct, measured right before and after (load drifts)
-    notes: dict = field(default_factory=dict)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -102,6 +111,17 @@ def measure_connect(netns: str, host: str, port: int, n: int, *, gap_s: float = 
         finally:
             sock.close()
     return statistics.median(times) * 1e3, pct(times, 0.95) * 1e3, pct(times, 0.99) * 1e3
+
+
+def measure_login(endpoint: Endpoint, n: int) -> tuple[float, float]:
+    """A full login (TCP connect, greeting, authentication, autocommit) ``n`` times back to back."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn = endpoint.connect()
+        times.append(time.perf_counter() - t0)
+        conn.close()
+    return statistics.median(times) * 1e3, pct(times, 0.95) * 1e3
 
 
 def measure_bulk(endpoint: Endpoint, mib: int) -> float:
@@ -177,10 +197,7 @@ class Bench:
         self.lab = lab
         self.args = args
         self.results: list[Measure] = []
-        self.tunnel: ServiceRunner | None = None
-        self.bridge: ServiceRunner | Haproxy | None = None
-
-    # -- building blocks ---------------------------------------------------------------------------
+        self.hub: GeneratedHub | None = None
 
     def endpoint(self, node: str, host: str, port: int) -> Endpoint:
         db = self.lab.db
@@ -189,152 +206,85 @@ class Bench:
                         user=db.app_user, password=db.app_password, database=db.app_database,
                         read_timeout_s=60)
 
-    def measure(self, label: str, node: str, host: str, port: int, **notes: str) -> Measure:
+    def measure(self, label: str, node: str, host: str, port: int) -> Measure:
         a = self.args
+        ns = self.lab.topology.ns(node)
         rtt_med, rtt_p99 = measure_rtt(self.endpoint(node, host, port), a.queries)
-        c_med, c_p95, c_p99 = measure_connect(self.lab.topology.ns(node), host, port,
-                                              a.connections)
-        spaced, _, _ = measure_connect(self.lab.topology.ns(node), host, port,
-                                       max(10, a.connections // 6), gap_s=0.1)
+        c_med, c_p95, c_p99 = measure_connect(ns, host, port, a.connections)
+        spaced, _, _ = measure_connect(ns, host, port, max(10, a.connections // 6), gap_s=0.1)
+        l_med, l_p95 = measure_login(self.endpoint(node, host, port), a.connections)
         direct = self.endpoint("client", self.lab.topology.ip("db", "client"), DB_PORT)
         before = measure_bulk(direct, a.bulk_mib)
         bulk = measure_bulk(self.endpoint(node, host, port), a.bulk_mib)
         after = measure_bulk(direct, a.bulk_mib)
-        result = Measure(label, rtt_med, rtt_p99, c_med, c_p95, c_p99, spaced, bulk,
-                         (before + after) / 2, dict(notes))
+        result = Measure(label, rtt_med, rtt_p99, c_med, c_p95, c_p99, spaced, l_med, l_p95, bulk,
+                         (before + after) / 2)
         self.results.append(result)
-        print(f"  {label:<48} rtt {rtt_med:6.3f} ms (p99 {rtt_p99:6.3f})  "
-              f"connect {c_med:6.2f} ms (p95 {c_p95:6.2f}, p99 {c_p99:6.2f}, "
-              f"spaced {spaced:6.2f})  "
-              f"bulk {bulk:7.1f} MiB/s (direct {result.bulk_direct_mib_s:.1f})", flush=True)
+        print(f"  {label:<40} rtt {rtt_med:6.3f} ms (p99 {rtt_p99:6.3f})  connect {c_med:6.2f} ms "
+              f"(p95 {c_p95:6.2f}, p99 {c_p99:6.2f}, spaced {spaced:5.2f})  login {l_med:6.2f} ms "
+              f"(p95 {l_p95:6.2f})  bulk {bulk:6.1f} MiB/s (direct {result.bulk_direct_mib_s:.1f})", flush=True)
         return result
 
-    def start_tunnel(self, name: str, ssh_options: list[str], *, quickack: str = "none") -> None:
-        self.stop_tunnel()
+    def use_package(self, tcp_quickack: bool) -> None:
+        """Run the on-prem package built with ``onprem.tcp_quickack`` set so (the proxy stays)."""
         lab = self.lab
-        key, _ = lab.key("bench_ed25519")
-        known_hosts = lab.path("onprem", "bench_known_hosts")
-        known_hosts.parent.mkdir(parents=True, exist_ok=True)
-        known_hosts.write_text(lab.known_hosts())
-        self.set_quickack(quickack)
-        argv = ["/usr/bin/ssh", "-F", "none", "-N", "-i", str(key), "-o", "IdentitiesOnly=yes",
-                "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known_hosts}",
-                "-o", "StrictHostKeyChecking=yes", "-o", "ExitOnForwardFailure=yes",
-                *ssh_options, "-R", f"localhost:{TUNNEL_PORT}:{lab.db_host}:{DB_PORT}",
-                f"{lab.tunnel_user}@{lab.topology.ip(PROXY, 'onprem')}"]
-        command = UnitCommand(unit_name=f"bench-tunnel-{name}", argv=argv,
-                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, restart="no")
-        self.tunnel = ServiceRunner(command, netns=lab.topology.ns("onprem"),
-                                    log_path=lab.log_dir / "bench-tunnel.log").start()
+        if self.hub is not None:
+            lab.tunnels[PROXY].stop()  # ExecStopPost removes the previous package's route
+            lab.wait_tunnel_listener(PROXY, present=False, timeout_s=30)
+        hub = GeneratedHub(lab, tcp_quickack=tcp_quickack)
+        if self.hub is None:
+            hub.start_proxy(PROXY)
+        elif render_cloud_init(hub.hub, 0).payload != render_cloud_init(self.hub.hub, 0).payload:
+            raise LabError("onprem.tcp_quickack changed the proxy's user data")
+        self.hub = hub
+        hub.start_tunnel(PROXY)
         lab.wait_tunnel_listener(PROXY, timeout_s=30)
-
-    def stop_tunnel(self) -> None:
-        if self.tunnel is not None:
-            self.tunnel.stop()
-            self.tunnel = None
-            self.lab.wait_tunnel_listener(PROXY, present=False, timeout_s=30)
-
-    def set_quickack(self, where: str) -> None:
-        """TCP quick-ACK (no delayed ACKs) on the tunnel's routes: none, proxy, onprem, both."""
-        topo = self.lab.topology
-        for node, peer in (("onprem", PROXY), (PROXY, "onprem")):
-            link = topo.link(node, peer)
-            subnet = f"10.199.{link.index}.0/24"
-            argv = ["ip", "route", "replace", subnet, "dev", topo.ifname(node, peer),
-                    "proto", "kernel", "scope", "link", "src", topo.ip(node, peer)]
-            if where in ("both", "proxy" if node == PROXY else "onprem"):
-                argv += ["quickack", "1"]
-            topo.exec(node, argv)
-
-    def start_bridge(self, kind: str) -> None:
-        self.stop_bridge()
-        lab = self.lab
-        ns = lab.topology.ns(PROXY)
-        if kind in ("socat", "socat-nodelay"):
-            opts = ",nodelay" if kind == "socat-nodelay" else ""
-            argv = ["/usr/bin/socat", f"TCP-LISTEN:{NIC_PORT},bind=0.0.0.0,fork,reuseaddr{opts}",
-                    f"TCP:localhost:{TUNNEL_PORT}{opts}"]
-            command = UnitCommand(unit_name=f"bench-{kind}", argv=argv,
-                                  env={"PATH": "/usr/bin:/bin"}, restart="no")
-            self.bridge = ServiceRunner(command, netns=ns,
-                                        log_path=lab.log_dir / "bench-bridge.log").start()
-        elif kind == "haproxy":
-            cfg = data_plane_config(routes=[(NIC_PORT, "127.0.0.1", TUNNEL_PORT)])
-            self.bridge = Haproxy(config_text=cfg, workdir=lab.path(PROXY, "bench"), netns=ns,
-                                  log_dir=lab.log_dir, name="bench-bridge-haproxy").start()
-        else:
-            raise LabError(f"unknown data plane {kind!r}: socat, socat-nodelay or haproxy")
-
-        def listening() -> bool:
-            out = lab.topology.exec(PROXY, ["ss", "-Htln", f"sport = :{NIC_PORT}"]).stdout
-            return bool(out.strip())
-
-        from nslab.proc import wait_until
-        wait_until(listening, timeout_s=15, what=f"{kind} listening on :{NIC_PORT}")
-
-    def stop_bridge(self) -> None:
-        if self.bridge is not None:
-            self.bridge.stop()
-            self.bridge = None
-
-    # -- the run -------------------------------------------------------------------------------
+        routes = lab.topology.exec("onprem", ["ip", "route", "show", "proto", "84"]).stdout
+        if ("quickack 1" in routes) != tcp_quickack:
+            raise LabError(f"quick-ACK route {'missing' if tcp_quickack else 'present'}: {routes!r}")
+        print(f"tunnel host routes to the proxy (proto 84): {routes.strip() or 'none'}", flush=True)
 
     def run(self) -> None:
         lab = self.lab
         topo = lab.topology
-        proxy_ip_lb = topo.ip(PROXY, "lb")
-        lb_ip = topo.ip("lb", "client")
         print("direct", flush=True)
         self.measure("direct: client -> MariaDB", "client", topo.ip("db", "client"), DB_PORT)
-
-        tunnels: list[tuple[str, list[str], str]] = [
-            ("ssh defaults", [], "none"),
-            ("ssh -c aes128-gcm", ["-c", "aes128-gcm@openssh.com"], "none"),
-            ("ssh Compression=yes", ["-o", "Compression=yes"], "none"),
-            ("ssh IPQoS=lowdelay", ["-o", "IPQoS=lowdelay"], "none"),
-            ("ssh defaults + quickack on onprem", [], "onprem"),
-            ("ssh defaults + quickack on proxy", [], "proxy"),
-            ("ssh defaults + quickack both", [], "both"),
-        ]
-        if self.args.quick:
-            tunnels = [tunnels[0], tunnels[4]]
-        print("tunnel only (from inside the proxy to the ssh -R listener)", flush=True)
-        for name, options, quickack in tunnels:
-            self.start_tunnel(name, options, quickack=quickack)
-            self.measure(f"tunnel: {name}", PROXY, "127.0.0.1", TUNNEL_PORT)
-
-        print("bridge + tunnel (from the LB namespace to the proxy NIC)", flush=True)
-        combos: list[tuple[str, str, int]] = [("socat", "ssh defaults", 0),
-                                              ("socat-nodelay", "ssh defaults", 0),
-                                              ("haproxy", "ssh defaults", 0),
-                                              ("socat", "ssh defaults + quickack on onprem", 0),
-                                              ("haproxy", "ssh defaults + quickack on onprem", 0)]
-        by_name = {t[0]: t for t in tunnels}
-        for bridge, tunnel_name, _ in combos:
-            if tunnel_name not in by_name:
-                continue
-            name, options, quickack = by_name[tunnel_name]
-            self.start_tunnel(name, options, quickack=quickack)
-            self.start_bridge(bridge)
-            self.measure(f"bridge: {bridge} + {name}", "lb", proxy_ip_lb, NIC_PORT)
-            self.measure(f"full: LB -> {bridge} + {name}", "client", lb_ip, NIC_PORT)
-        self.stop_bridge()
-        self.stop_tunnel()
+        for quickack in (True, False):
+            if self.hub is None or self.hub.tcp_quickack != quickack:
+                self.use_package(quickack)
+            tag = "quick-ACK" if quickack else "no quick-ACK"
+            print(f"package built with onprem.tcp_quickack: {str(quickack).lower()}", flush=True)
+            self.measure(f"tunnel ({tag})", PROXY, "127.0.0.1", TUNNEL_PORT)
+            self.measure(f"proxy NIC ({tag})", "lb", topo.ip(PROXY, "lb"), ROUTE_PORT)
+            self.measure(f"full: LB -> proxy -> tunnel ({tag})", "client", topo.ip("lb", "client"), ROUTE_PORT)
 
     def report(self) -> str:
         direct = self.results[0]
-        lines = ["", "| path | SELECT 1 median (p99) ms | added median µs | connect median "
-                 "(p95) ms | added connect ms | connect 100 ms apart, median ms | bulk MiB/s "
-                 "| bulk vs direct measured beside it |",
-                 "|---|---|---|---|---|---|---|---|"]
+        lines = ["", "| path | SELECT 1 median (p99) ms | added median µs | first byte, median (p95) ms "
+                 "| added ms | 100 ms apart, median ms | login median (p95) ms | bulk MiB/s "
+                 "| bulk vs direct beside it |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for r in self.results:
             lines.append(
                 f"| {r.path} | {r.rtt_median_ms:.3f} ({r.rtt_p99_ms:.3f}) | "
                 f"{(r.rtt_median_ms - direct.rtt_median_ms) * 1000:+.0f} | "
                 f"{r.connect_median_ms:.2f} ({r.connect_p95_ms:.2f}) | "
                 f"{r.connect_median_ms - direct.connect_median_ms:+.2f} | "
-                f"{r.connect_spaced_median_ms:.2f} | {r.bulk_mib_s:.0f} | "
-                f"{r.bulk_mib_s / r.bulk_direct_mib_s:.2f}x |")
+                f"{r.connect_spaced_median_ms:.2f} | {r.login_median_ms:.2f} ({r.login_p95_ms:.2f}) | "
+                f"{r.bulk_mib_s:.0f} | {r.bulk_mib_s / r.bulk_direct_mib_s:.2f}x |")
+        lines += ["", "Against the issue's targets (full path vs direct):"]
+        for r in self.results:
+            if not r.path.startswith("full"):
+                continue
+            added_rtt_us = (r.rtt_median_ms - direct.rtt_median_ms) * 1000
+            added_connect = r.connect_median_ms - direct.connect_median_ms
+            ratio = r.bulk_mib_s / r.bulk_direct_mib_s
+            lines.append(
+                f"- {r.path}: added round trip {added_rtt_us:+.0f} µs (target <= {TARGET_ADDED_RTT_US}: "
+                f"{'met' if added_rtt_us <= TARGET_ADDED_RTT_US else 'MISSED'}); added setup "
+                f"{added_connect:+.2f} ms (target <= {TARGET_ADDED_CONNECT_MS:.0f}: "
+                f"{'met' if added_connect <= TARGET_ADDED_CONNECT_MS else 'MISSED'}); bulk {ratio:.2f}x direct "
+                f"(target >= {TARGET_BULK_RATIO}: {'met' if ratio >= TARGET_BULK_RATIO else 'MISSED'})")
         return "\n".join(lines)
 
 
@@ -344,33 +294,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=200)
     parser.add_argument("--bulk-mib", type=int, default=64)
     parser.add_argument("--quick", action="store_true",
-                        help="fewer variants and samples (300 queries, 60 connections, 50 MiB)")
+                        help="fewer samples (300 queries, 60 connections, 16 MiB)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.queries, args.connections, args.bulk_mib = 300, 60, 50
+        args.queries, args.connections, args.bulk_mib = 300, 60, 16
     if os.geteuid() != 0:
         print("bench/datapath.py needs root (network namespaces)", file=sys.stderr)
         return 2
     interrupt_on_sigterm()
-    lab = Lab(proxies=1, client_to_db=True)
+    lab = hub_lab(proxies=1, client_to_db=True)
     failed = True
     try:
         lab.open()
         lab.start_db(bind_all=True, max_connect_errors=1_000_000)
-        _, pub = lab.key("bench_ed25519")
-        keys = lab.path(PROXY, "bench_authorized_keys")
-        keys.parent.mkdir(parents=True, exist_ok=True)
-        keys.write_text(pub + "\n")
-        import pwd
-        user = pwd.getpwnam(lab.tunnel_user)
-        os.chown(keys, user.pw_uid, user.pw_gid)
-        os.chmod(keys, 0o600)
-        lab.start_sshd(PROXY, authorized_keys=keys)
-        lab.start_lb([LbRoute("mysql", NIC_PORT)], check="none", wait_up_s=None)
         bench = Bench(lab, args)
+        bench.use_package(True)  # the proxy starts here too
+        lab.start_lb([bench.hub.route], check="none", wait_up_s=None)
+        started = time.monotonic()
         bench.run()
         print(bench.report())
+        load = os.getloadavg()
+        print(f"\n(measured in {time.monotonic() - started:.0f} s; load average at the end "
+              f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs)")
         if args.json:
             args.json.write_text(json.dumps([asdict(r) for r in bench.results], indent=2))
         failed = False

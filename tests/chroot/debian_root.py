@@ -31,7 +31,8 @@ SUITE = "bookworm"
 VARIANT = "minbase"
 MIRROR = os.environ.get("TUNNELHUB_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # What the on-prem package depends on; everything else comes from the minbase variant.
-PACKAGES = ("autossh", "openssh-client", "systemd")
+# iproute2 and python3: the quick-ACK route helper (onprem.tcp_quickack, on by default).
+PACKAGES = ("autossh", "openssh-client", "systemd", "iproute2", "python3")
 FORMAT_VERSION = 1
 BUILD_TIMEOUT_S = 1800  # debootstrap downloads ~120 packages; generous for a slow mirror
 

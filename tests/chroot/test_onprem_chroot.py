@@ -8,7 +8,9 @@ tunnels as debhelper's conventions say. Another root runs the installed unit's E
 namespace: the tunnel comes up with the key postinst generated and the pinned host key, every
 system call and socket family it uses is one the unit's seccomp and address-family filters allow
 (traced with strace, since no systemd runs here to enforce them), and a proxy presenting another
-host key is refused.
+host key is refused. And the installed ExecStartPre/ExecStopPost (onprem.tcp_quickack), run with
+the root's own python3 and ip in a namespace with a default gateway, add the quick-ACK host route
+to the slot's proxy and remove it again.
 
 The root is built once by debootstrap and cached under .cache/chroot (see debian_root.py); no
 systemd runs in it, so the maintainer scripts take their no-systemd paths (enable by symlink, no
@@ -36,7 +38,14 @@ from tests.chroot.debian_root import Chroot, ensure_cached_root, extract
 from tests.conftest import EXAMPLE_SPEC
 from tests.helpers import aws_hub, load_hubs
 from tunnelhub.onprem import build_deb, parse_outputs, read_outputs
-from tunnelhub.onprem.unitfile import exec_start_words, expand, read_env_file, unit_environment
+from tunnelhub.onprem.unitfile import (
+    exec_commands,
+    exec_start_words,
+    expand,
+    expand_instance,
+    read_env_file,
+    unit_environment,
+)
 from tunnelhub.spec import load_spec
 
 pytestmark = [
@@ -313,6 +322,53 @@ def test_maintainer_scripts_start_restart_and_stop_through_systemd(cached_root, 
         policy.write_text("#!/bin/sh\nexit 101\n")
         policy.chmod(0o755)
         assert calls_during(lambda: install(root, debs["v1"])) == ["--system daemon-reload"]
+
+
+# --------------------------------------------------------------------------------------------
+# The quick-ACK route (onprem.tcp_quickack): the installed ExecStartPre / ExecStopPost
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lan_netns():
+    """A namespace like a tunnel host's: one LAN interface and a default gateway."""
+    name = f"op-qa-{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for args in (["link", "set", "lo", "up"], ["link", "add", "lan0", "type", "veth", "peer", "name", "lan1"],
+                     ["addr", "add", "192.168.10.5/24", "dev", "lan0"], ["link", "set", "lan0", "up"],
+                     ["link", "set", "lan1", "up"], ["route", "add", "default", "via", "192.168.10.1"]):
+            subprocess.run(["ip", "-n", name, *args], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def test_installed_unit_adds_and_removes_the_quickack_route(cached_root, debs, lan_netns):
+    # GIVEN the example package installed in a fresh Debian 12 root, on a host with a default gateway
+    with extracted_root(cached_root) as root:
+        install(root, debs["v1"])
+        unit = root.path(f"/lib/systemd/system/{PKG}@.service").read_text()
+        env = {**unit_environment(unit), **read_env_file(root.path(f"{ETC}/slot-0.env").read_text())}
+        (pre_prefix, pre), = exec_commands(unit, "ExecStartPre")
+        (post_prefix, post), = exec_commands(unit, "ExecStopPost")
+        assert pre_prefix == post_prefix == "-+", "as root, never failing the unit"
+
+        def routes() -> str:
+            return subprocess.run(["ip", "-n", lan_netns, "route", "show"], check=True, capture_output=True,
+                                  text=True).stdout
+
+        before = routes()
+        # WHEN systemd would start slot 0 (ExecStartPre, as root, inside the root's own python3 and ip)
+        started = root.run(*expand(expand_instance(pre, "0"), env), netns=lan_netns)
+        # THEN the proxy's address has a quick-ACK host route copied from the default route
+        assert "10.60.0.5 via 192.168.10.1 dev lan0 proto 84 quickack 1" in routes(), started.stdout
+        assert "added 10.60.0.5/32 with quickack 1" in started.stdout
+        assert root.path(f"/run/{PKG}/quickack-0.json").exists()
+        # WHEN it stops (ExecStopPost), THEN the route and the record are gone and nothing else changed
+        stopped = root.run(*expand(expand_instance(post, "0"), env), netns=lan_netns)
+        assert routes() == before, stopped.stdout
+        assert not root.path(f"/run/{PKG}/quickack-0.json").exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """Fixtures for the network-namespace lab (``pytest tests/e2e -m e2e``, as root).
 
-Each e2e test gets a fresh :class:`nslab.lab.Lab`: its namespaces, daemons and temporary files
-are removed when the test ends, pass or fail; on failure the tail of every daemon's log is
-printed (and the work directory is kept, its path printed).
+The ``lab`` fixture gives a test a fresh :class:`nslab.lab.Lab`; :func:`module_lab` gives a
+module one lab shared by its tests (the scenario modules: reset between tests by the module).
+Namespaces, daemons and temporary files are removed when the test (module) ends, pass or fail;
+on failure the tail of every daemon's log is printed and the work directory is kept.
+
+At the end of the run the scenarios' measured figures are printed as one table
+(:mod:`nslab.report`), with the lab's runtime (setup, tests and teardown of every e2e test).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,17 +18,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from nslab import report  # noqa: E402
+from nslab.fixtures import require_lab  # noqa: E402
 from nslab.lab import Lab  # noqa: E402
 from nslab.proc import interrupt_on_sigterm  # noqa: E402
 
-REQUIRED_BINARIES = ("ip", "nft", "ss", "sshd", "ssh", "ssh-keygen", "autossh", "socat",
-                     "haproxy", "mariadbd", "mariadb-install-db", "mariadb", "useradd")
-
-
-def _missing_binaries() -> list[str]:
-    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    return [b for b in REQUIRED_BINARIES if shutil.which(b, path=path) is None]
-
+_E2E_SECONDS: list[float] = []
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
@@ -37,13 +34,7 @@ def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def lab_requirements() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("the e2e lab needs root (network namespaces, useradd, nftables)")
-    missing = _missing_binaries()
-    if missing:
-        pytest.skip(f"the e2e lab needs these programs: {', '.join(missing)} "
-                    "(Debian: openssh-server autossh socat haproxy mariadb-server nftables "
-                    "iproute2)")
+    require_lab()
 
 
 @pytest.fixture
@@ -75,3 +66,20 @@ def pytest_configure(config):  # type: ignore[no-untyped-def]
     interrupt_on_sigterm()
     config.addinivalue_line("markers", "lab(**options): options for the lab fixture "
                             "(proxies=, client_to_db=, tunnel_user=)")
+
+
+def pytest_runtest_logreport(report):  # type: ignore[no-untyped-def]
+    if "e2e" in report.keywords:
+        _E2E_SECONDS.append(report.duration)
+
+
+def pytest_terminal_summary(terminalreporter):  # type: ignore[no-untyped-def]
+    runtime = sum(_E2E_SECONDS) if _E2E_SECONDS else None
+    table = report.render(runtime_s=runtime)
+    if table:
+        terminalreporter.section("tunnelhub lab report")
+        terminalreporter.write_line(table)
+    path = report.report_path()
+    if path is not None and report.RECORDS:
+        report.save(path, runtime_s=runtime)
+        terminalreporter.write_line(f"(figures written to {path})")

@@ -1,6 +1,8 @@
-"""The lab's extractors and unit runner on the SAMPLE artifacts (no root, no namespaces).
+"""The lab's extractors and unit runner on the real generated artifacts (no root, no namespaces).
 
-When the real renderer and package exist, the same functions take their output.
+The lab hub's rendered cloud-init (``render_cloud_init``, the gzip payload that ships) and its
+on-prem package (``build_deb``; needs ``dpkg-deb``) go through the same functions the e2e
+scenarios use.
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ from email.mime.text import MIMEText
 from pathlib import Path
 
 import pytest
-
-from nslab.cloudinit import extract_cloud_init, load_cloud_config, match_user, rewrite_paths
+from nslab.cloudinit import (
+    extract_cloud_init,
+    load_cloud_config,
+    match_user,
+    rewrite_paths,
+)
+from nslab.generated import tunnel_keys_file
+from nslab.hub import HUB_NAME, TUNNEL_USER, hub_spec_data
 from nslab.proc import LabError
-from nslab.samples import SAMPLES_DIR, sample_proxy_user_data
 from nslab.unit import (
     ServiceRunner,
     expand_env_word,
@@ -28,54 +35,82 @@ from nslab.unit import (
     split_command_line,
 )
 
+from tunnelhub.onprem import build_deb, deb_file, parse_outputs
+from tunnelhub.spec import validate_text
+from tunnelhub.userdata import render_cloud_init
+
+REPO = Path(__file__).resolve().parents[2]
 REFERENCE_DIR = Path(__file__).parent / "reference"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ3b6Y1lV2fQ9m6Xb9y0aZk0K8yYb5j3v5m9v2Yk0xQf lab"
+ADMIN_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIP+AblpMjOtzFvfeyo3AcFmgH6jHTRl1IJn/pxPRZBhL admin"
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOaN3cWyvjBGr4otYDaxEsCyHJdGDD93vvrXcCU/lvrx"
+
+
+@pytest.fixture(scope="module")
+def hub():
+    data = hub_spec_data(tunnel_public_key=KEY, admin_public_key=ADMIN_KEY, db_address="192.168.20.15")
+    return validate_text(json.dumps({"version": 1, "hubs": [data]}), "lab-hub.yaml").spec.hub(HUB_NAME)
+
+
+@pytest.fixture(scope="module")
+def user_data(hub) -> bytes:
+    return render_cloud_init(hub, 0).payload
 
 
 # -- cloud-init ------------------------------------------------------------------------------
 
 
-def test_sample_cloud_init_extracts_every_file_with_mode_and_decoded_content(tmp_path):
-    vm = extract_cloud_init(sample_proxy_user_data(KEY), tmp_path / "root")
+def test_rendered_cloud_init_extracts_every_file_with_mode_and_content(tmp_path, user_data):
+    vm = extract_cloud_init(user_data, tmp_path / "root")  # gzip, as it ships
     assert sorted(vm.files) == [
         "/etc/haproxy/haproxy.cfg",
+        "/etc/ssh/authorized_keys.d/thtunnel",
         "/etc/ssh/sshd_config.d/10-tunnelhub.conf",
         "/etc/sysctl.d/60-tunnelhub.conf",
+        "/etc/systemd/system/haproxy.service.d/10-tunnelhub.conf",
         "/etc/systemd/system/tunnelhub-health.service",
+        "/etc/tunnelhub/boot.json",
         "/etc/tunnelhub/health.json",
-        "/home/tunnelhub/.ssh/authorized_keys",
+        "/home/tunnelhub/.ssh/authorized_keys",  # the admin's (cloud-init users[])
+        "/usr/local/lib/tunnelhub/tunnelhub_boot.py",
+        "/usr/local/lib/tunnelhub/tunnelhub_fetch_host_key.py",
         "/usr/local/lib/tunnelhub/tunnelhub_health.py",
     ]
-    keys = vm.file("/home/tunnelhub/.ssh/authorized_keys")
-    assert keys.host_path == tmp_path / "root/home/tunnelhub/.ssh/authorized_keys"
-    assert keys.host_path.stat().st_mode & 0o777 == 0o600
-    assert keys.text.startswith('restrict,port-forwarding,permitlisten="localhost:13306"')
-    assert KEY in keys.text
-    # gz+b64 and b64 entries are decoded byte-exact.
+    keys = vm.file("/etc/ssh/authorized_keys.d/thtunnel")
+    assert keys.host_path == tmp_path / "root/etc/ssh/authorized_keys.d/thtunnel"
+    assert keys.host_path.stat().st_mode & 0o777 == 0o644
+    assert 'restrict,port-forwarding,permitlisten="localhost:13306"' in keys.text
+    assert 'from="192.168.10.0/24" ' + KEY in keys.text
     health = json.loads(vm.file("/etc/tunnelhub/health.json").text)
-    assert health["routes"]["mysql"]["tunnel_port"] == 13306
+    assert health["routes"][0]["port"] == 13306 and health["port"] == 8081
     assert "net.ipv4.tcp_retries2 = 5" in vm.file("/etc/sysctl.d/60-tunnelhub.conf").text
     assert vm.file("/usr/local/lib/tunnelhub/tunnelhub_health.py").host_path.stat().st_mode \
         & 0o777 == 0o755
-    assert match_user(vm.file("/etc/ssh/sshd_config.d/10-tunnelhub.conf").text) == "tunnelhub"
+    assert match_user(vm.file("/etc/ssh/sshd_config.d/10-tunnelhub.conf").text) == TUNNEL_USER
 
 
-def test_sample_cloud_init_embeds_the_sample_health_script_unchanged():
-    doc = load_cloud_config(sample_proxy_user_data(KEY))
+def test_the_tunnel_keys_file_is_the_one_the_match_block_names_not_the_admins(tmp_path, user_data):
+    vm = extract_cloud_init(user_data, tmp_path / "root")
+    assert len(vm.matching(r"authorized_keys")) == 2  # why a file-name pattern cannot pick it
+    assert tunnel_keys_file(vm).vm_path == "/etc/ssh/authorized_keys.d/thtunnel"
+
+
+def test_rendered_cloud_init_embeds_the_health_daemon_unchanged(user_data):
+    doc = load_cloud_config(user_data)
     (entry,) = [w for w in doc["write_files"] if w["path"].endswith("tunnelhub_health.py")]
-    assert entry["content"] == (SAMPLES_DIR / "tunnelhub_health.py").read_text()
+    assert entry["content"] == (REPO / "tunnelhub/userdata/files/tunnelhub_health.py").read_text()
 
 
-def test_extra_files_are_added_after_the_cloud_init(tmp_path):
-    vm = extract_cloud_init(sample_proxy_user_data(KEY), tmp_path / "r",
+def test_extra_files_are_added_after_the_cloud_init(tmp_path, user_data):
+    vm = extract_cloud_init(user_data, tmp_path / "r",
                             extra_files={"/etc/ssh/ssh_host_ed25519_key": b"KEY"})
     written = vm.file("/etc/ssh/ssh_host_ed25519_key")
     assert written.host_path.read_bytes() == b"KEY"
     assert written.host_path.stat().st_mode & 0o777 == 0o600
 
 
-def test_gzipped_and_mime_user_data_are_read(tmp_path):
-    text = sample_proxy_user_data(KEY)
+def test_gzipped_and_mime_user_data_are_read(tmp_path, user_data):
+    text = gzip.decompress(user_data).decode()
     assert load_cloud_config(gzip.compress(text.encode())) == load_cloud_config(text)
     message = MIMEMultipart()
     message.attach(MIMEText("#!/bin/sh\necho hi\n", "x-shellscript"))
@@ -103,12 +138,14 @@ def test_append_entries_concatenate(tmp_path):
     assert vm.file("/etc/a").host_path.read_text() == "one\ntwo"
 
 
-def test_rewrite_paths_touches_whole_paths_and_runtime_dirs_only(tmp_path):
-    vm = extract_cloud_init(sample_proxy_user_data(KEY), tmp_path / "root")
+def test_rewrite_paths_touches_whole_paths_and_runtime_dirs_only(tmp_path, user_data):
+    vm = extract_cloud_init(user_data, tmp_path / "root")
     cfg = vm.rewrite_paths(vm.file("/etc/haproxy/haproxy.cfg").text)
     assert f"stats socket {tmp_path}/root/run/haproxy/admin.sock" in cfg
-    assert f"pidfile {tmp_path}/root/run/haproxy.pid" in cfg
     assert "chroot /var/lib/haproxy" in cfg  # not a runtime path, not an extracted file
+    dropin = vm.rewrite_paths(vm.file("/etc/ssh/sshd_config.d/10-tunnelhub.conf").text)
+    assert f"AuthorizedKeysFile {tmp_path}/root/etc/ssh/authorized_keys.d/thtunnel" in dropin
+    assert "ForceCommand /usr/sbin/nologin" in dropin
     mapping = {"/etc/a": "/lab/a", "/run/": "/lab/run/"}
     assert rewrite_paths("-i/etc/a x=/etc/a '/etc/a' /etc/ab /x/etc/a", mapping) == \
         "-i/lab/a x=/lab/a '/lab/a' /etc/ab /x/etc/a"
@@ -156,31 +193,31 @@ def test_timespans():
         parse_timespan("soon", what="RestartSec")
 
 
-def test_sample_template_unit_expands_for_a_slot(tmp_path):
-    unit = tmp_path / "tunnelhub-lab@.service"
-    unit.write_text((SAMPLES_DIR / "onprem" / "tunnelhub-lab@.service").read_text())
-    env = tmp_path / "slot-2.env"
-    env.write_text((SAMPLES_DIR / "onprem" / "slot.env.in").read_text()
-                   .replace("@PROXY_HOST@", "10.0.0.2").replace("@DB_HOST@", "10.0.1.2"))
-    command = load_unit(unit, instance="2", path_map={
-        "/etc/tunnelhub/lab/slot-2.env": str(env),
-        "/etc/tunnelhub/lab/": "/lab/etc/",
-        "/var/lib/tunnelhub/lab/id_ed25519": "/lab/key",
+def test_the_packages_template_unit_expands_for_a_slot(tmp_path, hub):
+    outputs = parse_outputs({"tunnel_endpoints": {"value": ["10.60.0.5", "10.60.0.6"], "type": "list"},
+                             "host_public_key": {"value": HOST_KEY, "type": "string"}}, hub.stack_name, "o.json")
+    deb = build_deb(hub, outputs, tmp_path / "dist", source_date_epoch=1_747_700_000)
+    unit = tmp_path / "tunnelhub-nslab@.service"
+    unit.write_bytes(deb_file(deb.path, "/lib/systemd/system/tunnelhub-nslab@.service"))
+    env = tmp_path / "slot-1.env"
+    env.write_bytes(deb_file(deb.path, "/etc/tunnelhub/nslab/slot-1.env"))
+    command = load_unit(unit, instance="1", path_map={
+        "/etc/tunnelhub/nslab/slot-1.env": str(env),
+        "/etc/tunnelhub/nslab/": "/lab/etc/",
+        "/usr/libexec/tunnelhub-nslab/quickack-route": "/lab/quickack-route",
+        "/run/": "/lab/run/",
     })
-    assert command.unit_name == "tunnelhub-lab@2.service"
-    assert command.argv == [
-        "/usr/bin/autossh", "-M", "0", "-N",
-        "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3",
-        "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-        "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=/lab/etc/known_hosts",
-        "-o", "ConnectTimeout=5", "-i", "/lab/key",
-        "-R", "localhost:13306:10.0.1.2:3306", "tunnelhub@10.0.0.2",
+    assert command.unit_name == "tunnelhub-nslab@1.service"
+    assert command.argv == ["/usr/bin/autossh", "-M", "0", "-N", "-F", "/lab/etc/ssh_config",
+                            "-R", "localhost:13306:192.168.20.15:3306", "10.60.0.6"]
+    assert [(line.prefixes, line.argv) for line in command.start_pre + command.stop_post] == [
+        ("-+", ["/lab/quickack-route", "add", "/lab/run/tunnelhub-nslab/quickack-1.json", "10.60.0.6"]),
+        ("-+", ["/lab/quickack-route", "remove", "/lab/run/tunnelhub-nslab/quickack-1.json", "10.60.0.6"]),
     ]
-    assert command.env["AUTOSSH_GATETIME"] == "0"
+    assert (command.env["AUTOSSH_GATETIME"], command.env["AUTOSSH_POLL"]) == ("0", "10")
     assert command.env["PATH"].startswith("/usr/local/sbin")
-    assert (command.restart, command.restart_s, command.start_limit_interval_s) == \
-        ("always", 2.0, 0.0)
-    assert command.user == "tunnelhub-lab"
+    assert (command.restart, command.restart_s, command.start_limit_interval_s) == ("always", 2.0, 0.0)
+    assert command.user == "tunnelhub-nslab"
 
 
 def test_template_unit_needs_an_instance_and_env_file(tmp_path):
@@ -272,3 +309,36 @@ def test_stop_ends_every_process_of_the_service(tmp_path):
     from nslab.proc import pid_alive
     assert not any(pid_alive(p) for p in pids)
     assert len(runner.starts()) == 1
+
+
+def test_exec_start_pre_and_stop_post_run_around_every_start(tmp_path):
+    log = tmp_path / "hooks"
+    runner = _runner(tmp_path, f"ExecStartPre=/bin/sh -c 'echo pre >> {log}'\n"
+                               f"ExecStopPost=/bin/sh -c 'echo post >> {log}'\n"
+                               "ExecStart=/bin/sleep 0.3\nRestart=always\nRestartSec=200ms")
+    try:
+        runner.start()
+        assert _wait(lambda: len(runner.starts()) >= 2)
+    finally:
+        runner.stop()
+    kinds = [e.kind for e in runner.events]
+    assert kinds[:6] == ["ExecStartPre", "start", "exit", "ExecStopPost", "restart-scheduled", "ExecStartPre"]
+    assert log.read_text().split()[:3] == ["pre", "post", "pre"]
+    assert log.read_text().split()[-1] == "post", "stop() runs ExecStopPost too"
+
+
+def test_a_failing_exec_start_pre_fails_the_start_unless_prefixed_with_dash(tmp_path):
+    failing = _runner(tmp_path, "ExecStartPre=/bin/false\nExecStart=/bin/sleep 30\nRestart=no")
+    try:
+        failing.start()
+        assert _wait(lambda: failing.state == "failed")
+    finally:
+        failing.stop()
+    assert failing.starts() == [] and failing.exits()[0].returncode == 1
+    tolerated = _runner(tmp_path, "ExecStartPre=-/bin/false\nExecStart=/bin/sleep 30\nRestart=no")
+    try:
+        tolerated.start()
+        assert _wait(lambda: tolerated.main_pid is not None)
+    finally:
+        tolerated.stop()
+    assert len(tolerated.starts()) == 1

@@ -2,10 +2,12 @@
 
 These prove the lab can see the difference a health check makes. They run the reference's own
 files (``tests/e2e/reference/``): socat bridge, TCP-connect health check, the blog's autossh
-unit, and the LB (HAProxy) probing at the spec defaults, 5 s interval x 2 failures.
+unit, and two LBs (HAProxy) probing at the spec defaults, 5 s interval x 2 failures: one with
+the reference's HTTP check, one with a plain TCP connect to the route port. One lab for the
+module, reset before each test (tunnels running, database up, both proxies UP).
 
 Bounds are generous for a loaded 2-core CI machine and stated where asserted; the measured
-figures are printed (``pytest -s`` shows them).
+figures go to the lab report.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from nslab.client import QueryDriver, query_once, summarize
-from nslab.haproxy import LbRoute
+from nslab.fixtures import module_lab
+from nslab.haproxy import Haproxy, LbRoute
 from nslab.health import probe
 from nslab.lab import DB_PORT, HEALTH_PORT, Lab
 from nslab.reference import start_reference_proxy, start_reference_tunnel
+from nslab.report import record
 
 pytestmark = pytest.mark.e2e
 
@@ -31,14 +34,42 @@ BACKEND = f"be_{ROUTE.name}"
 DETECTION_BOUND_S = INTERVAL_S * THRESHOLD + 2 + 8
 
 
-def build_reference(lab: Lab, *, check: str) -> None:
+TCP_ROUTE = LbRoute("mysql", DB_PORT, frontend_port=DB_PORT + 1)
+RESTART_BOUND_S = 60.0  # the reference unit's RestartSec=10, then rise 2 x 5 s, on a loaded machine
+
+
+@pytest.fixture(scope="module")
+def lab(request):  # type: ignore[no-untyped-def]
+    yield from module_lab(request, Lab)
+
+
+@pytest.fixture(scope="module")
+def tcp_lb(lab: Lab) -> Haproxy:
+    """The reference lab: its proxies and tunnels, the HTTP-checked LB (``lab.lb``) and this one,
+    checking the route port with a plain TCP connect."""
     lab.start_db()
     for proxy in lab.proxy_names:
         start_reference_proxy(lab, proxy)
         start_reference_tunnel(lab, proxy)
     for proxy in lab.proxy_names:
         lab.wait_tunnel_listener(proxy, timeout_s=30)
-    lab.start_lb([ROUTE], check=check, interval_s=INTERVAL_S, threshold=THRESHOLD)
+    lab.start_lb([ROUTE], check="http", interval_s=INTERVAL_S, threshold=THRESHOLD)
+    return lab.start_lb([TCP_ROUTE], check="tcp", interval_s=INTERVAL_S, threshold=THRESHOLD,
+                        name="lb-tcp-check", default=False)
+
+
+@pytest.fixture(autouse=True)
+def reset(lab: Lab, tcp_lb: Haproxy) -> None:
+    assert lab.db is not None and lab.lb is not None
+    if not lab.db.running():
+        lab.db.start()
+    for proxy in lab.proxy_names:
+        if lab.tunnels[proxy].state == "inactive":
+            lab.tunnels[proxy].start()
+    for proxy in lab.proxy_names:
+        lab.wait_tunnel_listener(proxy, timeout_s=30)
+        for lb in (lab.lb, tcp_lb):
+            lb.wait_state(BACKEND, proxy, "UP", timeout_s=RESTART_BOUND_S)
     baseline = query_once(lab.endpoint())
     assert baseline.ok, f"baseline query through the LB failed: {baseline.error}"
 
@@ -46,7 +77,6 @@ def build_reference(lab: Lab, *, check: str) -> None:
 def test_reference_http_check_takes_killed_tunnel_out_of_rotation(lab: Lab) -> None:
     """LAB-FINDINGS: LB marked the proxy down 5.8-9.7 s after the listener vanished; ~50 %
     of queries failed in that window, 100 % OK after."""
-    build_reference(lab, check="http")
     driver = QueryDriver(lab.endpoint(), rate_hz=5).start()
     try:
         time.sleep(2)
@@ -60,9 +90,13 @@ def test_reference_http_check_takes_killed_tunnel_out_of_rotation(lab: Lab) -> N
         driver.stop()
     window = driver.between(gone_at, down_at)
     after = driver.between(down_at + 0.5, time.monotonic())
-    print(f"\n[reference/http] listener gone {gone_s:.2f} s after the stop; LB marked proxy1 "
-          f"DOWN {detect_s:.2f} s after that; in the window: {summarize(window)}; "
-          f"after: {summarize(after)}")
+    print(f"\n[reference/http] listener gone {gone_s:.2f} s after the stop; in the window: "
+          f"{summarize(window)}; after: {summarize(after)}")
+    record("reference design (control)", "tunnel unit stopped -> LB DOWN (its HTTP check)", detect_s,
+           target=f"<= {INTERVAL_S * THRESHOLD + 2:.0f} s", bound=f"<= {DETECTION_BOUND_S:.0f} s",
+           reference="5.8-9.7 s (LAB-FINDINGS)")
+    record("reference design (control)", "queries failed in that window",
+           f"{sum(not r.ok for r in window)}/{len(window)}", unit="failed", reference="~50 %")
     assert detect_s <= DETECTION_BOUND_S
     assert any(not r.ok for r in window), "the lab should see failures before detection"
     assert after and all(r.ok for r in after), summarize(after)
@@ -72,26 +106,28 @@ def test_reference_http_check_takes_killed_tunnel_out_of_rotation(lab: Lab) -> N
     lab.tunnels["proxy1"].start()
     lab.wait_tunnel_listener("proxy1", timeout_s=30)
     rejoin_s = lab.lb.wait_state(BACKEND, "proxy1", "UP", timeout_s=60, since=back_at)
-    print(f"[reference/http] proxy1 back UP {rejoin_s:.2f} s after the tunnel unit restarted")
+    record("reference design (control)", "tunnel unit started -> proxy1 back UP", rejoin_s)
 
 
-def test_reference_plain_tcp_check_never_notices_dead_tunnel(lab: Lab) -> None:
+def test_reference_plain_tcp_check_never_notices_dead_tunnel(lab: Lab, tcp_lb: Haproxy) -> None:
     """LAB-FINDINGS: plain TCP check on the DB port never marked the proxy down; ~50 % of
-    queries failed for the whole outage (socat always accepts)."""
-    build_reference(lab, check="tcp")
+    queries failed for the whole outage (socat always accepts). Watched for the HTTP check's
+    detection bound + 5 s."""
     lab.tunnels["proxy1"].stop()
     lab.wait_tunnel_listener("proxy1", present=False, timeout_s=10)
     gone_at = time.monotonic()
-    driver = QueryDriver(lab.endpoint(), rate_hz=5).start()
+    driver = QueryDriver(lab.endpoint(port=TCP_ROUTE.listen_port), rate_hz=5).start()
     try:
-        # Watch twice as long as the HTTP check's detection bound.
-        history = lab.lb.status_history(BACKEND, "proxy1", duration_s=2 * DETECTION_BOUND_S)
+        history = tcp_lb.status_history(BACKEND, "proxy1", duration_s=DETECTION_BOUND_S + 5)
     finally:
         results = driver.stop()
     failed = [r for r in results if not r.ok]
     fraction = len(failed) / len(results)
-    print(f"\n[reference/tcp] proxy1 states over {time.monotonic() - gone_at:.0f} s: "
-          f"{[s for _, s in history]}; {summarize(results)} ({fraction:.0%} failed)")
+    record("reference design (control)", f"tunnel stopped, plain TCP check: proxy1 over "
+           f"{time.monotonic() - gone_at:.0f} s", "/".join(dict.fromkeys(s for _, s in history)), unit="",
+           reference="never marked down")
+    record("reference design (control)", "  queries failed through it",
+           f"{len(failed)}/{len(results)} ({fraction:.0%})", unit="failed", bound="30-70 %", reference="~50 %")
     assert all(status == "UP" for _, status in history), history
     # Round robin over one live and one dead path: about half fail (stated bound 30-70 %).
     assert 0.3 <= fraction <= 0.7, summarize(results)
@@ -100,7 +136,6 @@ def test_reference_plain_tcp_check_never_notices_dead_tunnel(lab: Lab) -> None:
 def test_reference_health_check_answers_200_with_database_down(lab: Lab) -> None:
     """LAB-FINDINGS: on-prem database stopped -> health check still 200 on both proxies;
     every query fails."""
-    build_reference(lab, check="http")
     lab.db.stop()
     stopped_at = time.monotonic()
     driver = QueryDriver(lab.endpoint(), rate_hz=5).start()
@@ -117,9 +152,12 @@ def test_reference_health_check_answers_200_with_database_down(lab: Lab) -> None
             time.sleep(0.5)
     finally:
         results = driver.stop()
-    print(f"\n[reference/db-down] health answers: "
-          f"{ {p: sorted(set(s)) for p, s in statuses.items()} }; LB states: {lb_states}; "
-          f"{summarize(results)}")
+    record("reference design (control)", "database stopped: its health answers / LB states",
+           f"{sorted(set().union(*statuses.values()))} / {sorted(set().union(*lb_states.values()))}", unit="",
+           reference="200 on both proxies")
+    record("reference design (control)", "  queries failed with the database down",
+           f"{sum(not r.ok for r in results)}/{len(results)}",
+           unit="failed", reference="0/57 OK")
     for proxy in lab.proxy_names:
         assert set(statuses[proxy]) == {200}, (proxy, statuses[proxy])
         assert lb_states[proxy] == {"UP"}, (proxy, lb_states[proxy])

@@ -117,7 +117,8 @@ def test_entries_are_root_owned_dated_and_moded(built):
         for m in entries:
             assert (m.uid, m.gid, m.uname, m.gname) == (0, 0, "root", "root"), m.name
             assert m.mtime == EPOCH, m.name
-            expected = 0o755 if m.isdir() or m.name == f"./usr/bin/tunnelhub-{hub}-pubkey" else 0o644
+            executables = (f"./usr/bin/tunnelhub-{hub}-pubkey", f"./usr/libexec/tunnelhub-{hub}/quickack-route")
+            expected = 0o755 if m.isdir() or m.name in executables else 0o644
             assert m.mode == expected, (m.name, oct(m.mode))
 
 
@@ -226,6 +227,8 @@ def test_systemd_analyze_verify_accepts_every_unit(extracted):
     (lambda u: u.replace("RestartSec=2", "RestartSec=soon"), "Failed to parse sec value"),
     (lambda u: u.replace("/usr/bin/autossh", "/usr/bin/autossh-missing"), "is not executable"),
     (lambda u: u.replace("man:tunnelhub-weu-pubkey(1)", "man:tunnelhub-weu-nopage(1)"), "man tunnelhub-weu-nopage(1)"),
+    # the quick-ACK helper lines are parsed too (their "-" prefix skips only the existence check)
+    (lambda u: u.replace("ExecStartPre=-+/usr/libexec", "ExecStartPre=-+usr/libexec"), "Neither a valid executable"),
 ])
 def test_systemd_analyze_verify_really_checks(extracted, tmp_path, change, complaint):
     root, _ = extracted["weu"]

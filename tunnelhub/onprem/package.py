@@ -15,6 +15,7 @@ What the package installs (``<hub>`` is the hub name, ``<pkg>`` is ``tunnelhub-<
 ``/etc/tunnelhub/<hub>/slot-N.env``                    ``TUNNELHUB_ENDPOINT=<address of slot N>``
 ``/usr/lib/sysusers.d/<pkg>.conf``                     the service user ``<pkg>``
 ``/usr/bin/<pkg>-pubkey``                              prints the tunnel key
+``/usr/libexec/<pkg>/quickack-route``                  the quick-ACK host route (``onprem.tcp_quickack``)
 ``/var/lib/<pkg>/id_ed25519``                          the tunnel key, made by postinst (not shipped)
 =====================================================  ============================================
 """
@@ -34,6 +35,7 @@ import textwrap
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from importlib import resources
 from ipaddress import ip_address
 from pathlib import Path, PurePosixPath
 
@@ -51,6 +53,8 @@ AUTOSSH = "/usr/bin/autossh"
 ENDPOINT_VAR = "TUNNELHUB_ENDPOINT"
 UNIT_DIR = "/lib/systemd/system"  # Debian 12 (and Ubuntu, where /lib is /usr/lib)
 MAX_SLOTS = next(m.le for m in Proxies.model_fields["count"].metadata if hasattr(m, "le"))
+QUICKACK_SCRIPT = resources.files("tunnelhub.onprem") / "files" / "tunnelhub_quickack.py"
+"""Installed as ``/usr/libexec/<pkg>/quickack-route`` (stdlib Python, run as root by the unit)."""
 
 
 _TEMPLATES = jinja2.Environment(
@@ -112,11 +116,22 @@ class PackagePlan:
     """The pinned hub host key; None with trust on first use."""
     host_key_source: str | None
     timing: TunnelTiming = DEFAULT_TIMING
+    tcp_quickack: bool = True
+    """Each unit adds a ``quickack 1`` host route to its proxy while it runs (``onprem.tcp_quickack``)."""
     warnings: tuple[str, ...] = ()
 
     @property
     def package(self) -> str:
         return PACKAGE_PREFIX + self.hub
+
+    @property
+    def quickack_helper(self) -> str:
+        return f"/usr/libexec/{self.package}/quickack-route"
+
+    @property
+    def runtime_dir(self) -> str:
+        """Where the quick-ACK helper records the routes each slot added (root-owned, tmpfs)."""
+        return f"/run/{self.package}"
 
     @property
     def tofu(self) -> bool:
@@ -269,6 +284,7 @@ def plan_package(
         host_key=host_key,
         host_key_source=host_key_source,
         timing=timing,
+        tcp_quickack=hub.onprem.tcp_quickack,
         warnings=tuple(warnings),
     )
 
@@ -326,6 +342,8 @@ def render_package(plan: PackagePlan, version: str, source_date_epoch: int) -> R
         PackageFile(f"{plan.doc_dir}/changelog.Debian.gz", _gzip(_render("changelog.j2", ctx))),
         PackageFile(f"/usr/share/lintian/overrides/{pkg}", _render("lintian-overrides.j2", ctx)),
     ]
+    if plan.tcp_quickack:
+        files.append(PackageFile(plan.quickack_helper, QUICKACK_SCRIPT.read_bytes(), 0o755))
     if not plan.tofu:
         files.append(PackageFile(plan.known_hosts, _render("known_hosts.j2", ctx)))
     for slot, endpoint in enumerate(plan.endpoints):
@@ -382,6 +400,9 @@ def _context(plan: PackagePlan, version: str, when: datetime) -> dict:
         "exec_start": plan.exec_start_lines(),
         "pubkey_command": plan.pubkey_command,
         "doc_dir": plan.doc_dir,
+        "tcp_quickack": plan.tcp_quickack,
+        "quickack_helper": plan.quickack_helper,
+        "runtime_dir": plan.runtime_dir,
         "sysusers_name": f"{plan.package}.conf",
         "sysusers_conf": f"/usr/lib/sysusers.d/{plan.package}.conf",
         "description": _description(plan),

@@ -1,8 +1,9 @@
-"""Read a unit's ``ExecStart=`` the way systemd does, to run it outside systemd.
+"""Read a unit's ``ExecStart=`` (and ``ExecStartPre=``/``ExecStopPost=``) the way systemd does,
+to run them outside systemd.
 
 Only what the generated units use is supported: line continuations, double and single quotes,
-``${VAR}`` / ``$VAR`` environment expansion and ``%%``. Any other ``%`` specifier is refused
-rather than passed on unexpanded.
+``${VAR}`` / ``$VAR`` environment expansion, ``%i`` and ``%%``. Any other ``%`` specifier is
+refused rather than passed on unexpanded.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from tunnelhub.onprem.outputs import OnpremError
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\$")
 
 
-def exec_start_words(unit_text: str) -> list[str]:
-    """The words of the (single) ``ExecStart=`` line of a unit file, unexpanded."""
+def _logical_lines(unit_text: str) -> list[str]:
     logical: list[str] = []
     pending = ""
     for raw in unit_text.splitlines():
@@ -26,6 +26,41 @@ def exec_start_words(unit_text: str) -> list[str]:
             continue
         pending = ""
         logical.append(line)
+    return logical
+
+
+def exec_commands(unit_text: str, key: str) -> list[tuple[str, list[str]]]:
+    """Every ``<key>=`` line (``ExecStartPre``, ``ExecStopPost``) as ``(prefixes, words)``, unexpanded.
+
+    ``prefixes`` are systemd's (``-`` failure ignored, ``+`` full privileges, ...); ``%i`` is left
+    for the caller (:func:`expand_instance`)."""
+    commands = []
+    for line in _logical_lines(unit_text):
+        if not line.startswith(key + "="):
+            continue
+        value = line.split("=", 1)[1].strip()
+        prefixes = ""
+        while value[:1] in ("@", "-", ":", "+", "!"):
+            prefixes += value[0]
+            value = value[1:]
+        commands.append((prefixes, shlex.split(value, posix=True)))
+    return commands
+
+
+def expand_instance(words: list[str], instance: str) -> list[str]:
+    """``%i`` (the template instance) and ``%%`` in unit words; any other specifier is refused."""
+
+    def specifier(match: re.Match[str]) -> str:
+        if match[1] not in ("i", "%"):
+            raise OnpremError(f"unit uses the systemd specifier %{match[1]}; only %i and %% are supported here")
+        return instance if match[1] == "i" else "%"
+
+    return [re.sub(r"%(.)", specifier, word) for word in words]
+
+
+def exec_start_words(unit_text: str) -> list[str]:
+    """The words of the (single) ``ExecStart=`` line of a unit file, unexpanded."""
+    logical = _logical_lines(unit_text)
     starts = [line.split("=", 1)[1] for line in logical if line.startswith("ExecStart=")]
     if len(starts) != 1:
         raise OnpremError(f"expected exactly one ExecStart= line in the unit, found {len(starts)}")

@@ -12,6 +12,9 @@ Modules:
 - ``client``     the query driver (PyMySQL) recording every query
 - ``health``     ask a proxy's health endpoint as the LB would
 - ``lab``        one object wiring the pieces for a scenario
-- ``generated``  run tunnelhub's generated artifacts (extracted cloud-init, on-prem unit)
-- ``samples``    the SAMPLE stand-ins for those artifacts (``tests/e2e/samples/``)
+- ``generated``  run a proxy from its extracted cloud-init (sshd, HAProxy, health daemon, sysctl)
+- ``hub``        the lab as a tunnelhub hub: spec, rendered cloud-init, built .deb, running units
+- ``cdc``        the streaming reader and the on-prem writer of the long-lived-connection scenario
+- ``fixtures``   skip when the lab cannot run; one lab shared by a module's tests
+- ``report``     the scenarios' measured figures, printed as one table at the end of the run
 """

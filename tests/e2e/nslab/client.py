@@ -49,6 +49,9 @@ class Endpoint:
                 database=self.database, connect_timeout=self.connect_timeout_s,
                 read_timeout=self.read_timeout_s, write_timeout=self.read_timeout_s,
                 autocommit=True,
+                # The lab's MariaDB offers no TLS; without this PyMySQL (>= 1.2, "preferred" TLS)
+                # builds a TLS context per connection: ~30 ms of client CPU in every figure.
+                ssl_disabled=True,
             )
 
 

@@ -275,6 +275,22 @@ def match_user(sshd_dropin: str) -> str:
     return users[0]
 
 
+def match_block_setting(sshd_dropin: str, keyword: str) -> str | None:
+    """The value of ``keyword`` inside the drop-in's ``Match User`` block (first one wins, as in
+    sshd), or None when the block does not set it."""
+    in_block = False
+    for line in sshd_dropin.splitlines():
+        words = line.split(None, 1)
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0].lower() == "match":
+            in_block = len(words) > 1 and words[1].split()[0].lower() == "user"
+            continue
+        if in_block and words[0].lower() == keyword.lower() and len(words) > 1:
+            return words[1].strip()
+    return None
+
+
 def authorized_key_lines(text: str) -> Iterable[str]:
     for line in text.splitlines():
         if line.strip() and not line.lstrip().startswith("#"):

@@ -11,7 +11,7 @@ A proxy is started from its extracted cloud-init (:meth:`Lab.extract_proxy`):
 
 Paths are rewritten only where they must be (files the cloud-init wrote, ``/run``), plus one
 stated change: HAProxy's ``log /dev/log`` goes to stderr, so its log lands in the lab's logs.
-The tunnel host's unit runs from the files given to :meth:`Lab.install_onprem`.
+The tunnel host's side (the on-prem package's unit) is run by ``nslab.hub``.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .cloudinit import VmRoot
+from .cloudinit import VmRoot, WrittenFile, match_block_setting
 from .haproxy import Haproxy
 from .lab import Lab, ProxyRuntime
 from .proc import LabError
-from .unit import ServiceRunner, load_unit
+from .unit import load_unit
+
 
 def _ensure_runtime_dirs(vm: VmRoot, text: str) -> None:
     """Create the parent directories of rewritten runtime paths (``<root>/run/...``)."""
@@ -51,14 +52,11 @@ def start_proxy(lab: Lab, proxy: str, vm: VmRoot) -> ProxyRuntime:
 
     dropins = [lab_copy(vm, f.vm_path)
                for f in vm.matching(r"^/etc/ssh/sshd_config\.d/.*\.conf$")]
-    keys_files = vm.matching(r"(^|/)authorized_keys$|^/etc/ssh/authorized_keys\.d?/")
-    if len(keys_files) != 1:
-        raise LabError(f"expected one authorized_keys file in the cloud-init, found "
-                       f"{[f.vm_path for f in keys_files]}")
+    keys_file = tunnel_keys_file(vm)
     host_keys = [f.host_path for f in vm.matching(r"^/etc/ssh/ssh_host_[a-z0-9]+_key$")]
     if not host_keys:
         raise LabError("no /etc/ssh/ssh_host_*_key for the proxy: pass the hub host key")
-    sshd = lab.start_sshd(proxy, authorized_keys=keys_files[0].host_path, dropins=dropins,
+    sshd = lab.start_sshd(proxy, authorized_keys=keys_file.host_path, dropins=dropins,
                           host_keys=host_keys)
     runtime = ProxyRuntime(name=proxy, sshd=sshd, vm=vm)
     lab.proxies[proxy] = runtime
@@ -79,17 +77,33 @@ def start_proxy(lab: Lab, proxy: str, vm: VmRoot) -> ProxyRuntime:
     return runtime
 
 
+def stop_proxy(lab: Lab, proxy: str) -> None:
+    """Stop everything ``start_proxy`` started on ``proxy`` (by PID), as a VM going away."""
+    runtime = lab.proxies.pop(proxy, None)
+    if runtime is None:
+        return
+    for service in runtime.services.values():
+        service.stop()
+    runtime.sshd.stop()
+
+
+def tunnel_keys_file(vm: VmRoot) -> WrittenFile:
+    """The tunnel user's keys: the file the drop-in's ``Match User`` block names in
+    ``AuthorizedKeysFile`` (other users' ``authorized_keys``, the admin's, are not it)."""
+    named = [(d.vm_path, match_block_setting(d.text, "AuthorizedKeysFile"))
+             for d in vm.matching(r"^/etc/ssh/sshd_config\.d/.*\.conf$")]
+    paths = {value for _, value in named if value}
+    if len(paths) != 1:
+        raise LabError(f"expected one AuthorizedKeysFile in the drop-ins' Match User blocks, "
+                       f"found {named}")
+    path = paths.pop()
+    if " " in path or "%" in path:
+        raise LabError(f"AuthorizedKeysFile {path!r}: the lab needs one literal path")
+    return vm.file(path)
+
+
 def vm_path_map(vm: VmRoot) -> dict[str, str]:
     mapping = {p: str(f.host_path) for p, f in vm.files.items()}
     mapping["/run/"] = str(vm.root / "run") + "/"
     mapping["/var/run/"] = str(vm.root / "run") + "/"
     return mapping
-
-
-def start_tunnel(lab: Lab, proxy: str, onprem: VmRoot, *, unit_vm_path: str,
-                 slot: str) -> ServiceRunner:
-    """Run the tunnel host's unit instance for ``slot`` (the tunnel to ``proxy``)."""
-    command = lab.load_tunnel_unit(unit_vm_path, onprem, slot=slot)
-    runner = lab.run_service("onprem", command, name=f"onprem-tunnel-{proxy}")
-    lab.tunnels[proxy] = runner
-    return runner

@@ -25,7 +25,12 @@ HAPROXY = "/usr/sbin/haproxy"
 @dataclass(frozen=True)
 class LbRoute:
     name: str
-    port: int  # the LB frontend port, also the proxies' NIC port
+    port: int  # the proxies' NIC port (and the LB frontend port unless frontend_port is set)
+    frontend_port: int | None = None
+
+    @property
+    def listen_port(self) -> int:
+        return self.port if self.frontend_port is None else self.frontend_port
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ def lb_config(
         lines += [
             "",
             f"frontend fe_{route.name}",
-            f"    bind {bind_address}:{route.port}",
+            f"    bind {bind_address}:{route.listen_port}",
             f"    default_backend be_{route.name}",
             "",
             f"backend be_{route.name}",

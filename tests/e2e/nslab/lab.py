@@ -20,10 +20,17 @@ from .client import Endpoint
 from .cloudinit import VmRoot, extract_cloud_init, install_files, match_user
 from .haproxy import Haproxy, LbBackendServer, LbRoute, lb_config
 from .mariadb import MariaDB
-from .netns import Topology, default_links, lab_prefix
+from .netns import LinkSpec, RouteSpec, Topology, default_links, lab_prefix
 from .proc import LabError, tail, wait_until
-from .sshd import Sshd, SshdConfig, acquire_user, generate_key, known_hosts_line, release_user
-from .unit import ServiceRunner, UnitCommand, load_unit
+from .sshd import (
+    Sshd,
+    SshdConfig,
+    acquire_user,
+    generate_key,
+    known_hosts_line,
+    release_user,
+)
+from .unit import ServiceRunner, UnitCommand
 
 BASE_DIR_ENV = "TUNNELHUB_LAB_DIR"
 KEEP_ENV = "TUNNELHUB_LAB_KEEP"
@@ -45,7 +52,9 @@ class ProxyRuntime:
 
 class Lab:
     def __init__(self, *, proxies: int = 2, client_to_db: bool = False,
-                 tunnel_user: str = "tunnelhub") -> None:
+                 tunnel_user: str = "tunnelhub",
+                 links: Sequence[tuple[str, str] | LinkSpec] | None = None,
+                 routes: Sequence[RouteSpec] = ()) -> None:
         self.prefix = lab_prefix()
         base = Path(os.environ.get(BASE_DIR_ENV, DEFAULT_BASE_DIR))
         base.mkdir(parents=True, exist_ok=True)
@@ -54,7 +63,9 @@ class Lab:
         os.chmod(self.workdir, 0o755)
         self.log_dir = self.workdir / "logs"
         self.log_dir.mkdir()
-        self.topology = Topology(self.prefix, default_links(proxies, client_to_db=client_to_db))
+        if links is None:
+            links = default_links(proxies, client_to_db=client_to_db)
+        self.topology = Topology(self.prefix, links, routes)
         self.proxy_names = [f"proxy{i}" for i in range(1, proxies + 1)]
         self.tunnel_user = tunnel_user
         self._cleanups: list[tuple[str, Callable[[], None]]] = []
@@ -139,8 +150,19 @@ class Lab:
 
     def known_hosts(self) -> str:
         """known_hosts pinning the hub host key for every proxy address."""
-        hosts = [self.topology.ip(p, "onprem") for p in self.proxy_names]
+        hosts = [self.proxy_address(p) for p in self.proxy_names]
         return known_hosts_line(hosts, self.hub_host_key[1])
+
+    def proxy_address(self, proxy: str) -> str:
+        """The address the tunnel host dials for ``proxy`` (its neighbour, or behind ``gw``)."""
+        peer = "onprem" if any({link.a, link.b} == {proxy, "onprem"}
+                               for link in self.topology.links) else "gw"
+        return self.topology.ip(proxy, peer)
+
+    @property
+    def tunnel_host_address(self) -> str:
+        """The tunnel host's address as the database sees it (the check user's host part)."""
+        return self.topology.ip("onprem", "db")
 
     # -- database ---------------------------------------------------------------------------------
 
@@ -148,7 +170,8 @@ class Lab:
         """MariaDB on the db's on-prem address (``bind_all``: every address, for benchmarks)."""
         db = MariaDB(workdir=self.path("db"), netns=self.topology.ns("db"),
                      bind_address="0.0.0.0" if bind_all else self.topology.ip("db", "onprem"),
-                     log_dir=self.log_dir, port=DB_PORT, max_connect_errors=max_connect_errors)
+                     log_dir=self.log_dir, port=DB_PORT, max_connect_errors=max_connect_errors,
+                     check_user_host=self.tunnel_host_address)
         self.db = db
         self.on_close("mariadb", db.stop)
         return db.start()
@@ -166,7 +189,7 @@ class Lab:
         config = SshdConfig(workdir=self.path(proxy, "lab-sshd"), host_keys=host_keys,
                             authorized_keys=authorized_keys, dropins=dropins)
         sshd = Sshd(config, netns=self.topology.ns(proxy), log_dir=self.log_dir,
-                    name=f"{proxy}-sshd", address=self.topology.ip(proxy, "onprem"))
+                    name=f"{proxy}-sshd", address=self.proxy_address(proxy))
         self.on_close(f"{proxy} sshd", sshd.stop)
         return sshd.start()
 
@@ -185,8 +208,11 @@ class Lab:
     def start_lb(self, routes: Sequence[LbRoute], *, check: str = "http",
                  interval_s: float = 5.0, threshold: int = 2,
                  check_timeout_s: float | None = None, health_port: int = HEALTH_PORT,
-                 wait_up_s: float | None = 60.0) -> Haproxy:
-        sock = self.path("lb", "stats.sock")
+                 wait_up_s: float | None = 60.0, name: str = "lb-haproxy",
+                 default: bool = True) -> Haproxy:
+        """HAProxy in the ``lb`` namespace: the load balancer (``default``: ``self.lb``), or
+        another one beside it (its own ``name``, frontend ports and stats socket)."""
+        sock = self.path("lb", f"{name}.sock")
         sock.parent.mkdir(parents=True, exist_ok=True)
         servers = [LbBackendServer(p, self.topology.ip(p, "lb")) for p in self.proxy_names]
         cfg = lb_config(routes=routes, servers=servers,
@@ -194,9 +220,10 @@ class Lab:
                         check=check, health_port=health_port, interval_s=interval_s,
                         threshold=threshold, check_timeout_s=check_timeout_s)
         lb = Haproxy(config_text=cfg, workdir=self.path("lb"), netns=self.topology.ns("lb"),
-                     log_dir=self.log_dir, name="lb-haproxy", stats_socket=sock)
-        self.lb = lb
-        self.on_close("lb haproxy", lb.stop)
+                     log_dir=self.log_dir, name=name, stats_socket=sock)
+        if default:
+            self.lb = lb
+        self.on_close(name, lb.stop)
         lb.start()
         if wait_up_s:
             for route in routes:
@@ -259,9 +286,3 @@ class Lab:
         if len(users) != 1:
             raise LabError(f"expected one tunnel user across the sshd drop-ins, found {users}")
         return users.pop()
-
-    def load_tunnel_unit(self, unit_vm_path: str, onprem: VmRoot, *, slot: str,
-                         insert_args: Sequence[str] = ()) -> UnitCommand:
-        mapping = {p: str(f.host_path) for p, f in onprem.files.items()}
-        return load_unit(onprem.file(unit_vm_path).host_path, instance=slot, path_map=mapping,
-                         insert_args=insert_args)

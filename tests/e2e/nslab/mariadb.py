@@ -37,7 +37,9 @@ class MariaDB:
     app_password: str = "lab-password"
     app_database: str = "labdb"
     check_user: str = "tunnelhub_check"
-    check_password: str = "check-password"
+    check_user_host: str = "%"
+    """The check user is password-less and has no grants, as the health daemon's mysql probe
+    expects: ``'tunnelhub_check'@'<tunnel host>'``."""
     daemon: Daemon | None = field(default=None, init=False)
     _installed: bool = field(default=False, init=False)
 
@@ -119,7 +121,7 @@ class MariaDB:
             f"CREATE DATABASE {self.app_database};"
             f"CREATE USER '{self.app_user}'@'%' IDENTIFIED BY '{self.app_password}';"
             f"GRANT ALL ON {self.app_database}.* TO '{self.app_user}'@'%';"
-            f"CREATE USER '{self.check_user}'@'%' IDENTIFIED BY '{self.check_password}';"
+            f"CREATE USER '{self.check_user}'@'{self.check_user_host}';"
             f"CREATE TABLE {self.app_database}.events "
             "(id INT PRIMARY KEY AUTO_INCREMENT, payload VARCHAR(64) NOT NULL);"
         )
@@ -149,6 +151,22 @@ class MariaDB:
             return []
         return [line for line in text.splitlines()
                 if re.search(r"Aborted connection", line)]
+
+    def connections_from(self, address: str) -> int:
+        """Sessions opened so far from ``address`` (``performance_schema.hosts``; the host is the
+        address itself here: name lookups fail in the lab). Connections dropped before they
+        authenticate are not attributed to a host there: count those with :meth:`aborted_connects`."""
+        out = self.sql("SELECT COALESCE(SUM(TOTAL_CONNECTIONS), 0) FROM performance_schema.hosts "
+                       f"WHERE HOST = '{address}'").stdout.strip()
+        return int(out or 0)
+
+    def host_cache_row(self, address: str) -> dict[str, int]:
+        """The host cache's error counters for ``address`` (zeros when it has no row)."""
+        for row in self.host_cache():
+            if row["IP"] == address:
+                return {k: int(v) for k, v in row.items() if k.startswith(("SUM_", "COUNT_"))}
+        return {"SUM_CONNECT_ERRORS": 0, "COUNT_HANDSHAKE_ERRORS": 0,
+                "COUNT_HOST_BLOCKED_ERRORS": 0, "COUNT_AUTHENTICATION_ERRORS": 0}
 
     def flush_hosts(self) -> None:
         self.sql("FLUSH HOSTS")

@@ -1,11 +1,15 @@
 """Network namespaces for the lab, joined by point-to-point veth links.
 
-Every link is its own /24 (``10.199.<link>.0/24``, first node ``.1``, second ``.2``). Nodes talk
-only to their direct neighbours, so no forwarding or routes are needed, and addresses never
-leave the namespaces. The default topology::
+By default every link is its own /24 (``10.199.<link>.0/24``, first node ``.1``, second ``.2``)
+and nodes talk only to their direct neighbours, so no forwarding or routes are needed::
 
     db --- onprem --- proxy1 --- lb --- client
               \\------ proxy2 ---/
+
+A link may instead carry explicit addresses (``LinkSpec``), and a topology may add routes and
+IPv4 forwarding on router nodes: :func:`hub_links` builds the lab's realistic layout, where the
+tunnel host reaches the proxies' hub-subnet addresses through a gateway (see its docstring).
+Addresses never leave the namespaces.
 
 Interface names are ``<prefix>-<node>-<peer>`` with two-letter node codes (``tl-op-p1``), at
 most 15 characters: the prefix is at most 8 characters. The veths are created directly inside
@@ -51,13 +55,13 @@ def lab_prefix() -> str:
 
 def node_code(node: str) -> str:
     """Two-letter code of a node, used in interface names."""
-    codes = {"db": "db", "onprem": "op", "lb": "lb", "client": "cl"}
+    codes = {"db": "db", "onprem": "op", "lb": "lb", "client": "cl", "gw": "gw"}
     if node in codes:
         return codes[node]
     match = re.fullmatch(r"proxy([1-9])", node)
     if match:
         return f"p{match.group(1)}"
-    raise LabError(f"unknown lab node {node!r}: use db, onprem, proxy1..proxy9, lb or client")
+    raise LabError(f"unknown lab node {node!r}: use db, onprem, gw, proxy1..proxy9, lb or client")
 
 
 def _setns(fd: int) -> None:
@@ -94,17 +98,44 @@ def in_netns(name: str) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
+class LinkSpec:
+    """A link with explicit addresses (``"192.168.10.5/24"``; a ``/32`` adds no subnet route)."""
+
+    a: str
+    b: str
+    cidr_a: str
+    cidr_b: str
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """A route in ``node``'s namespace: to ``dst`` via ``via`` (an address) or out of the link
+    to ``dev_peer`` (a directly attached host, for ``/32`` point-to-point addressing)."""
+
+    node: str
+    dst: str
+    via: str | None = None
+    dev_peer: str | None = None
+
+
+@dataclass(frozen=True)
 class Link:
     a: str
     b: str
     index: int
+    cidrs: tuple[str, str] | None = None
 
     def ifname(self, prefix: str, node: str) -> str:
         peer = self.b if node == self.a else self.a
         return f"{prefix}-{node_code(node)}-{node_code(peer)}"
 
+    def cidr(self, node: str) -> str:
+        if self.cidrs is not None:
+            return self.cidrs[0] if node == self.a else self.cidrs[1]
+        return f"10.199.{self.index}.{1 if node == self.a else 2}/24"
+
     def address(self, node: str) -> str:
-        return f"10.199.{self.index}.{1 if node == self.a else 2}"
+        return self.cidr(node).split("/")[0]
 
 
 def default_links(proxies: int = 2, *, client_to_db: bool = False) -> list[tuple[str, str]]:
@@ -117,6 +148,50 @@ def default_links(proxies: int = 2, *, client_to_db: bool = False) -> list[tuple
     return links
 
 
+@dataclass(frozen=True)
+class HubAddressing:
+    """Where things are in :func:`hub_links` (defaults: the example hub ``weu``'s plan)."""
+
+    onprem_lan: str = "192.168.10.5/24"  # the tunnel host, in onprem.source_cidrs
+    onprem_gateway: str = "192.168.10.1/24"
+    db_lan_onprem: str = "192.168.20.5/24"  # the tunnel host on the database LAN
+    db: str = "192.168.20.15/24"
+    hub_gateway: str = "10.60.0.1"  # Azure's subnet gateway is the subnet's first address
+    hub_prefix_len: int = 26  # the proxy subnet, 10.60.0.0/26
+
+
+def hub_links(proxy_ips: list[str], *, client_to_db: bool = False,
+              addressing: HubAddressing = HubAddressing()) -> tuple[list, list[RouteSpec]]:
+    """The lab laid out like a hub: the tunnel host reaches the proxies' hub addresses through
+    a gateway, as over ExpressRoute or a VPN::
+
+        db (192.168.20.15) --- onprem (192.168.20.5 | 192.168.10.5, default via .1)
+                                  |
+                                  gw (192.168.10.1 | 10.60.0.1 on each proxy link)
+                                 /  \\
+        proxy1 (10.60.0.5/26, default via 10.60.0.1)   proxy2 (10.60.0.6/26) ...
+                                 \\  /
+                                  lb --- client           (10.199.x links, as by default)
+
+    Each proxy has its own link to the gateway (point to point: the gateway's ``10.60.0.1/32``
+    on every one, a ``/32`` route per proxy), so a cut of one proxy's link leaves the others.
+    """
+    a = addressing
+    links: list = [LinkSpec("onprem", "db", a.db_lan_onprem, a.db),
+                   LinkSpec("onprem", "gw", a.onprem_lan, a.onprem_gateway)]
+    routes = [RouteSpec("onprem", "default", via=a.onprem_gateway.split("/")[0])]
+    for i, ip in enumerate(proxy_ips, 1):
+        proxy = f"proxy{i}"
+        links.append(LinkSpec("gw", proxy, f"{a.hub_gateway}/32", f"{ip}/{a.hub_prefix_len}"))
+        routes.append(RouteSpec("gw", f"{ip}/32", dev_peer=proxy))
+        routes.append(RouteSpec(proxy, "default", via=a.hub_gateway))
+    links += [("lb", f"proxy{i}") for i in range(1, len(proxy_ips) + 1)]
+    links.append(("client", "lb"))
+    if client_to_db:
+        links.append(("client", "db"))  # benchmarks only: the "direct" path
+    return links, routes
+
+
 @dataclass
 class Topology:
     """The lab's namespaces and links; ``create()`` builds them, ``destroy()`` removes them.
@@ -126,7 +201,8 @@ class Topology:
     """
 
     prefix: str
-    link_pairs: Sequence[tuple[str, str]] = field(default_factory=default_links)
+    link_pairs: Sequence[tuple[str, str] | LinkSpec] = field(default_factory=default_links)
+    routes: Sequence[RouteSpec] = ()
     links: list[Link] = field(init=False)
     _cuts: set[tuple[str, str]] = field(default_factory=set, init=False)
     _created: list[str] = field(default_factory=list, init=False)
@@ -134,7 +210,25 @@ class Topology:
     _lock = threading.Lock()
 
     def __post_init__(self) -> None:
-        self.links = [Link(a, b, i + 1) for i, (a, b) in enumerate(self.link_pairs)]
+        self.links = []
+        for i, pair in enumerate(self.link_pairs):
+            if isinstance(pair, LinkSpec):
+                self.links.append(Link(pair.a, pair.b, i + 1, (pair.cidr_a, pair.cidr_b)))
+            else:
+                self.links.append(Link(pair[0], pair[1], i + 1))
+
+    @property
+    def routers(self) -> list[str]:
+        """Nodes that forward: those other nodes route through (a ``via`` of someone else's route)."""
+        found = []
+        for route in self.routes:
+            if route.via is None:
+                continue
+            for link in self.links:
+                for node in (link.a, link.b):
+                    if link.address(node) == route.via and node != route.node and node not in found:
+                        found.append(node)
+        return found
 
     @property
     def nodes(self) -> list[str]:
@@ -196,8 +290,17 @@ class Topology:
                 run(["ip", "link", "add", "name", ia, "netns", na,
                      "type", "veth", "peer", "name", ib, "netns", nb])
                 for ns, ifname, node in ((na, ia, link.a), (nb, ib, link.b)):
-                    run(["ip", "-n", ns, "addr", "add", f"{link.address(node)}/24", "dev", ifname])
+                    run(["ip", "-n", ns, "addr", "add", link.cidr(node), "dev", ifname])
                     run(["ip", "-n", ns, "link", "set", ifname, "up"])
+            for node in self.routers:
+                self.sysctl(node, "net.ipv4.ip_forward", 1)
+            for route in self.routes:
+                argv = ["ip", "-n", self.ns(route.node), "route", "add", route.dst]
+                if route.via is not None:
+                    argv += ["via", route.via]
+                if route.dev_peer is not None:
+                    argv += ["dev", self.ifname(route.node, route.dev_peer)]
+                run(argv)
         except BaseException:
             self.destroy()
             raise
@@ -278,3 +381,28 @@ class Topology:
     @property
     def cuts(self) -> set[tuple[str, str]]:
         return set(self._cuts)
+
+    # -- counting connections ------------------------------------------------------------------
+
+    def _count_table(self, port: int) -> str:
+        return f"{self.prefix}_count_{port}"
+
+    def count_connections(self, node: str, port: int) -> None:
+        """Start counting new TCP connections (SYNs) arriving at ``node``'s ``port``."""
+        table = self._count_table(port)
+        self.exec(node, ["nft", "delete", "table", "inet", table], check=False)
+        rules = (f"table inet {table} {{\n"
+                 "  chain input { type filter hook input priority -300; policy accept;\n"
+                 f"    tcp dport {port} tcp flags & (syn | ack) == syn counter\n"
+                 "  }\n}\n")
+        self.exec(node, ["nft", "-f", "-"], input_text=rules)
+
+    def connections_counted(self, node: str, port: int, *, stop: bool = False) -> int:
+        """New connections to ``node``'s ``port`` since :meth:`count_connections` (``stop``:
+        remove the counter)."""
+        table = self._count_table(port)
+        proc = self.exec(node, ["nft", "list", "table", "inet", table], check=False)
+        match = re.search(r"counter packets (\d+)", proc.stdout)
+        if stop:
+            self.exec(node, ["nft", "delete", "table", "inet", table], check=False)
+        return int(match.group(1)) if match else 0

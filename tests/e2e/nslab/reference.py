@@ -17,6 +17,7 @@ from .unit import ServiceRunner, load_unit
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference"
 HEALTH_SCRIPT_VM_PATH = "/usr/local/bin/tunnel-health-check.py"
+REFERENCE_HEALTH_PORT = 8080  # hard-coded in tunnel-health-check.py
 
 
 def _reference_key(lab: Lab) -> tuple[Path, str]:
@@ -38,13 +39,20 @@ def start_reference_proxy(lab: Lab, proxy: str) -> ProxyRuntime:
     runtime = ProxyRuntime(name=proxy, sshd=sshd)
     runtime.services["socat"] = lab.run_service(
         proxy, load_unit(REFERENCE_DIR / "socat-db-proxy.service"), name=f"{proxy}-socat")
+    runtime.services["health"] = start_reference_health_check(lab, proxy)
+    lab.proxies[proxy] = runtime
+    return runtime
+
+
+def start_reference_health_check(lab: Lab, proxy: str) -> ServiceRunner:
+    """The reference's TCP-connect health check (port 8080, a connect to ``127.0.0.1:13306`` per
+    request), verbatim, on ``proxy``: beside tunnelhub's own on the lab hub's proxies, whose tunnel
+    port is also 13306, it is the reference probe under the same conditions."""
     health_unit = load_unit(
         REFERENCE_DIR / "tunnel-health-check.service",
         path_map={HEALTH_SCRIPT_VM_PATH: str(REFERENCE_DIR / "tunnel-health-check.py")},
     )
-    runtime.services["health"] = lab.run_service(proxy, health_unit, name=f"{proxy}-health")
-    lab.proxies[proxy] = runtime
-    return runtime
+    return lab.run_service(proxy, health_unit, name=f"{proxy}-reference-health")
 
 
 def reference_tunnel_unit(lab: Lab, proxy: str) -> Path:

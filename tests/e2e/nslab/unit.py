@@ -14,9 +14,14 @@ empty. A ``:`` prefix turns substitution off.
 environment like systemd's. ``stop()`` is ``systemctl stop`` (every process of the service, by
 PID); ``kill()`` is ``systemctl kill`` (the restart policy then applies).
 
-Not mimicked (stated so a reader knows): ``User=``/``Group=`` (the lab runs the command as root),
-sandboxing directives, ``Type=`` other than simple/exec, ``ExecStartPre/Post``, and
-``${VAR:-default}`` forms (a clear error if used).
+``ExecStartPre=`` commands run before each start (a failing one without ``-`` fails the start,
+and the restart policy applies), ``ExecStopPost=`` commands after each exit (before a restart,
+and on ``stop()``), as systemd orders them; their output goes to the service's log.
+
+Not mimicked (stated so a reader knows): ``User=``/``Group=`` (the lab runs every command as
+root, so a ``+`` prefix changes nothing), sandboxing directives, ``Type=`` other than
+simple/exec, ``ExecStartPost=``/``ExecStop=``/``ExecReload=``, and ``${VAR:-default}`` forms
+(a clear error if used).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .cloudinit import rewrite_paths
 from .proc import LabError, netns_argv, pid_alive, process_tree
 
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOOK_TIMEOUT_S = 30.0  # an ExecStartPre/ExecStopPost that hangs is killed (systemd: TimeoutStartSec)
 _CLEAN_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE}
 _RESTART_VALUES = ("no", "always", "on-success", "on-failure", "on-abnormal", "on-abort",
                    "on-watchdog")
@@ -273,12 +279,26 @@ def expand_specifiers(text: str, *, unit_name: str, instance: str | None) -> str
 
 
 @dataclass(frozen=True)
+class ExecLine:
+    """An ``ExecStartPre=``/``ExecStopPost=`` command: its prefixes and expanded argv."""
+
+    prefixes: str
+    argv: list[str]
+
+    @property
+    def ignore_failure(self) -> bool:
+        return "-" in self.prefixes
+
+
+@dataclass(frozen=True)
 class UnitCommand:
     """A service's command line and restart policy, ready to run."""
 
     unit_name: str
     argv: list[str]
     env: dict[str, str]
+    start_pre: tuple[ExecLine, ...] = ()
+    stop_post: tuple[ExecLine, ...] = ()
     restart: str = "no"
     restart_s: float = 0.1
     start_limit_interval_s: float = 10.0
@@ -355,26 +375,32 @@ def load_unit(
         exec_lines = exec_lines[len(exec_lines) - exec_lines[::-1].index(""):]
     if len(exec_lines) != 1:
         raise LabError(f"{unit_name}: expected one ExecStart= line, found {len(exec_lines)}")
-    line = spec(exec_lines[0])
-    words = split_command_line(line)
-    if not words:
-        raise LabError(f"{unit_name}: ExecStart= is empty")
-    first = words[0]
-    flags = ""
-    while first and first[0] in "@-:+!":
-        flags += first[0]
-        first = first[1:]
-    words[0] = first
-    if "@" in flags:
-        words = [words[0], *words[2:]]  # the lab does not mimic a different argv[0]
-    if not words[0].startswith("/"):
-        raise LabError(f"{unit_name}: ExecStart's program must be an absolute path: {words[0]!r}")
-    argv: list[str] = [words[0]]
     full_env = {"PATH": SYSTEMD_PATH, **env}
-    for word in words[1:]:
-        argv.extend([word] if ":" in flags else expand_env_word(word, full_env))
-    argv = [rewrite_paths(arg, mapping) for arg in argv]
+
+    def command(key: str, value: str) -> ExecLine:
+        words = split_command_line(spec(value))
+        if not words:
+            raise LabError(f"{unit_name}: {key}= is empty")
+        first = words[0]
+        flags = ""
+        while first and first[0] in "@-:+!":
+            flags += first[0]
+            first = first[1:]
+        words[0] = first
+        if "@" in flags:
+            words = [words[0], *words[2:]]  # the lab does not mimic a different argv[0]
+        if not words[0].startswith("/"):
+            raise LabError(f"{unit_name}: {key}'s program must be an absolute path: {words[0]!r}")
+        argv: list[str] = [words[0]]
+        for word in words[1:]:
+            argv.extend([word] if ":" in flags else expand_env_word(word, full_env))
+        return ExecLine(flags, [rewrite_paths(arg, mapping) for arg in argv])
+
+    main = command("ExecStart", exec_lines[0])
+    flags, argv = main.prefixes, main.argv
     argv[1:1] = list(insert_args)
+    start_pre = tuple(command("ExecStartPre", v) for v in directives.get("ExecStartPre", []) if v)
+    stop_post = tuple(command("ExecStopPost", v) for v in directives.get("ExecStopPost", []) if v)
 
     def last(key: str, default: str) -> str:
         values = directives.get(key)
@@ -398,6 +424,8 @@ def load_unit(
         unit_name=unit_name,
         argv=argv,
         env=full_env,
+        start_pre=start_pre,
+        stop_post=stop_post,
         restart=restart,
         restart_s=parse_timespan(last("RestartSec", "100ms"), what="RestartSec"),
         start_limit_interval_s=parse_timespan(limit_interval, what="StartLimitIntervalSec"),
@@ -555,31 +583,37 @@ class ServiceRunner:
                     self.state = "failed (start-limit-hit)"
                     return
             start_times.append(now)
-            with open(self.log_path, "ab", buffering=0) as log:
-                log.write(f"--- {time.strftime('%H:%M:%S')} {cmd.unit_name} start: "
-                          f"{' '.join(cmd.argv)}\n".encode())
-                with self._lock:
-                    if self._stopping.is_set():
-                        break
-                    self._popen = subprocess.Popen(
-                        netns_argv(self.netns, cmd.argv),
-                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                        env=cmd.env, start_new_session=True,
-                    )
-            popen = self._popen
-            self._record("start", popen.pid)
-            self.state = "active"
-            returncode = popen.wait()
-            self._record("exit", popen.pid, returncode)
-            with open(self.log_path, "ab", buffering=0) as log:
-                log.write(f"--- {time.strftime('%H:%M:%S')} {cmd.unit_name} exited: "
-                          f"{returncode}\n".encode())
-            # KillMode=control-group: leftovers of the main process go with it.
-            for leftover in (p for p in _group_members(popen.pid) if pid_alive(p)):
-                try:
-                    os.kill(leftover, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            pre_failed = self._run_hooks("ExecStartPre", cmd.start_pre)
+            if pre_failed is not None:
+                returncode = pre_failed
+                self._record("exit", None, returncode)
+            else:
+                with open(self.log_path, "ab", buffering=0) as log:
+                    log.write(f"--- {time.strftime('%H:%M:%S')} {cmd.unit_name} start: "
+                              f"{' '.join(cmd.argv)}\n".encode())
+                    with self._lock:
+                        if self._stopping.is_set():
+                            break
+                        self._popen = subprocess.Popen(
+                            netns_argv(self.netns, cmd.argv),
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            env=cmd.env, start_new_session=True,
+                        )
+                popen = self._popen
+                self._record("start", popen.pid)
+                self.state = "active"
+                returncode = popen.wait()
+                self._record("exit", popen.pid, returncode)
+                with open(self.log_path, "ab", buffering=0) as log:
+                    log.write(f"--- {time.strftime('%H:%M:%S')} {cmd.unit_name} exited: "
+                              f"{returncode}\n".encode())
+                # KillMode=control-group: leftovers of the main process go with it.
+                for leftover in (p for p in _group_members(popen.pid) if pid_alive(p)):
+                    try:
+                        os.kill(leftover, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            self._run_hooks("ExecStopPost", cmd.stop_post)
             if self._stopping.is_set():
                 break
             if not self._should_restart(returncode):
@@ -591,6 +625,29 @@ class ServiceRunner:
                 break
         self._record("stopped")
         self.state = "inactive"
+
+
+    def _run_hooks(self, key: str, lines: Sequence[ExecLine]) -> int | None:
+        """Run ``ExecStartPre``/``ExecStopPost`` commands in order (each bounded); the exit
+        status of the first failing one that is not ``-``-prefixed, else None."""
+        for line in lines:
+            with open(self.log_path, "ab", buffering=0) as log:
+                log.write(f"--- {time.strftime('%H:%M:%S')} {self.command.unit_name} {key}: "
+                          f"{' '.join(line.argv)}\n".encode())
+                try:
+                    result = subprocess.run(netns_argv(self.netns, line.argv), stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.command.env, timeout=HOOK_TIMEOUT_S, check=False)
+                    returncode = result.returncode
+                except subprocess.TimeoutExpired:
+                    returncode = -int(signal.SIGKILL)
+                except OSError as exc:
+                    log.write(f"--- {key} could not run: {exc}\n".encode())
+                    returncode = 203  # systemd's EXIT_EXEC
+            self._record(key, None, returncode)
+            if returncode != 0 and not line.ignore_failure:
+                return returncode
+        return None
 
 
 def _group_members(pgid: int) -> list[int]:
