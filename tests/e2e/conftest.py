@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nslab import report  # noqa: E402
-from nslab.fixtures import require_lab  # noqa: E402
+from nslab.fixtures import close_lab, require_lab  # noqa: E402
 from nslab.lab import Lab  # noqa: E402
 from nslab.proc import interrupt_on_sigterm  # noqa: E402
 
@@ -52,14 +52,7 @@ def lab(request, lab_requirements):  # type: ignore[no-untyped-def]
             and getattr(request.node, f"rep_{when}").failed
             for when in ("setup", "call")
         )
-        if failed:
-            sys.stdout.write("\n" + instance.logs_report() + "\n")
-            sys.stdout.write(f"(lab work directory kept: {instance.workdir})\n")
-        errors = instance.close(failed=failed)
-        for line in instance.notes:
-            sys.stdout.write(f"[lab] {line}\n")
-        if errors:
-            pytest.fail("lab teardown: " + "; ".join(errors))
+        close_lab(instance, failed=failed)
 
 
 def pytest_configure(config):  # type: ignore[no-untyped-def]

@@ -41,14 +41,19 @@ def module_lab(request: pytest.FixtureRequest, make: Callable[[], Lab]) -> Itera
     try:
         yield instance
     finally:
-        failed = request.session.testsfailed > failed_before
-        if failed:
-            sys.stdout.write("\n" + instance.logs_report() + "\n")
-            sys.stdout.write(f"(lab work directory kept: {instance.workdir})\n")
-        errors = instance.close(failed=failed)
-        for line in instance.notes:
-            sys.stdout.write(f"[lab] {line}\n")
-        if errors:
-            pytest.fail("lab teardown: " + "; ".join(errors))
+        close_lab(instance, failed=request.session.testsfailed > failed_before)
+
+
+def close_lab(instance: Lab, *, failed: bool) -> None:
+    """Tear a lab down: every daemon's log tail and the kept directory printed when it failed,
+    the lab's notes printed, a teardown error failing the test."""
+    if failed:
+        sys.stdout.write("\n" + instance.logs_report() + "\n")
+        sys.stdout.write(f"(lab work directory kept: {instance.workdir})\n")
+    errors = instance.close(failed=failed)
+    for line in instance.notes:
+        sys.stdout.write(f"[lab] {line}\n")
+    if errors:
+        pytest.fail("lab teardown: " + "; ".join(errors))
 
 
