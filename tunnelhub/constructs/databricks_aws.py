@@ -27,7 +27,6 @@ from cdktf import (
     Precondition,
     TerraformLocal,
     TerraformProvider,
-    TerraformResource,
     TerraformResourceLifecycle,
 )
 from cdktf_cdktf_provider_aws.route53_record import Route53Record, Route53RecordAlias
@@ -40,7 +39,7 @@ from cdktf_cdktf_provider_databricks.mws_ncc_private_endpoint_rule import MwsNcc
 from cdktf_cdktf_provider_databricks.mws_network_connectivity_config import MwsNetworkConnectivityConfig
 from constructs import Construct
 
-from tunnelhub.constructs.databricks_link import AwsEndpointTarget
+from tunnelhub.constructs.databricks_link import AwsEndpointTarget, approval_wait
 
 
 def accept_vpc_endpoint(
@@ -54,10 +53,7 @@ def accept_vpc_endpoint(
     wait_s: int,
 ) -> VpcEndpointConnectionAccepter:
     """Accept the VPC endpoint Databricks creates for ``rule``; return the accepter."""
-    wait = TerraformResource(scope, "approval_wait", terraform_resource_type="time_sleep", provider=time_provider,
-                             depends_on=[rule])
-    wait.add_override("create_duration", f"{wait_s}s")
-    wait.add_override("triggers", {"rule_id": rule.rule_id})
+    wait = approval_wait(scope, rule, time_provider, wait_s)
     state = DataDatabricksMwsNetworkConnectivityConfig(
         scope, "ncc_state", provider=account_provider, name=ncc.name, depends_on=[wait]
     )

@@ -38,7 +38,7 @@ from cdktf_cdktf_provider_azurerm.private_dns_zone_virtual_network_link import P
 from cdktf_cdktf_provider_databricks.mws_ncc_private_endpoint_rule import MwsNccPrivateEndpointRule
 from constructs import Construct
 
-from tunnelhub.constructs.databricks_link import AzureEndpointTarget
+from tunnelhub.constructs.databricks_link import AzureEndpointTarget, approval_wait
 
 PLS_CONNECTION_TYPE = "Microsoft.Network/privateLinkServices/privateEndpointConnections@2023-11-01"
 DNS_TTL_S = 300
@@ -55,10 +55,7 @@ def approve_pls_connection(
     wait_s: int,
 ) -> TerraformResource:
     """Approve the PLS connection of ``rule``'s endpoint; return the ``azapi_update_resource``."""
-    wait = TerraformResource(scope, "approval_wait", terraform_resource_type="time_sleep", provider=time_provider,
-                             depends_on=[rule])
-    wait.add_override("create_duration", f"{wait_s}s")
-    wait.add_override("triggers", {"rule_id": rule.rule_id})
+    wait = approval_wait(scope, rule, time_provider, wait_s)
     connections = DataAzurermPrivateLinkServiceEndpointConnections(
         scope,
         "pls_connections",

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cdktf import TerraformProvider, TerraformVariable, TerraformVariableValidationConfig
+from cdktf import TerraformProvider, TerraformResource, TerraformVariable, TerraformVariableValidationConfig
 from cdktf_cdktf_provider_databricks.account_network_policy import (
     AccountNetworkPolicy,
     AccountNetworkPolicyEgress,
@@ -174,24 +174,20 @@ class DatabricksLink(Construct):
         account = props.account_provider
         ncc = MwsNetworkConnectivityConfig(ns, "ncc", provider=account, name=hub.ncc_name, region=hub.region)
         target = props.target
-        if isinstance(target, AzureEndpointTarget):
-            rule = MwsNccPrivateEndpointRule(
-                ns,
-                "endpoint_rule",
-                provider=account,
-                network_connectivity_config_id=ncc.network_connectivity_config_id,
-                resource_id=target.private_link_service_id,
-                domain_names=self.domain_names,
-            )
-        else:
-            rule = MwsNccPrivateEndpointRule(
-                ns,
-                "endpoint_rule",
-                provider=account,
-                network_connectivity_config_id=ncc.network_connectivity_config_id,
-                endpoint_service=target.endpoint_service_name,
-                domain_names=self.domain_names,
-            )
+        # Azure: the Private Link Service's resource id; AWS: the endpoint service's name.
+        rule_target = (
+            {"resource_id": target.private_link_service_id}
+            if isinstance(target, AzureEndpointTarget)
+            else {"endpoint_service": target.endpoint_service_name}
+        )
+        rule = MwsNccPrivateEndpointRule(
+            ns,
+            "endpoint_rule",
+            provider=account,
+            network_connectivity_config_id=ncc.network_connectivity_config_id,
+            domain_names=self.domain_names,
+            **rule_target,
+        )
         binding = MwsNccBinding(
             ns,
             "binding",
@@ -413,3 +409,14 @@ def _check(props: DatabricksLinkProps) -> None:
         if not 0 <= props.approval_wait_s <= 3600:
             raise TypeError(f"approval_wait_s must be 0-3600 seconds, not {props.approval_wait_s}")
 
+
+def approval_wait(
+    scope: Construct, rule: MwsNccPrivateEndpointRule, time_provider: TerraformProvider, wait_s: int
+) -> TerraformResource:
+    """The ``time_sleep`` both clouds' approvals start with: ``wait_s`` after the rule is created
+    (again only when the rule is replaced), before the endpoint Databricks makes is looked up."""
+    wait = TerraformResource(scope, "approval_wait", terraform_resource_type="time_sleep", provider=time_provider,
+                             depends_on=[rule])
+    wait.add_override("create_duration", f"{wait_s}s")
+    wait.add_override("triggers", {"rule_id": rule.rule_id})
+    return wait
