@@ -454,6 +454,9 @@ def _sshd(netns: str, workdir: Path, host_key: Path, procs: list) -> subprocess.
         "KbdInteractiveAuthentication no\nAllowTcpForwarding remote\nGatewayPorts no\nPermitTTY no\n"
         "X11Forwarding no\nLogLevel VERBOSE\n"
     )
+    # sshd refuses to start without its privilege separation directory, which only its service
+    # start creates: on a fresh machine make test installs openssh-server with starts held back.
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     proc = _start(["ip", "netns", "exec", netns, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)], procs)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
