@@ -15,11 +15,7 @@ at it only (the generated default keys are no longer offered), ``sshd -t`` check
 sshd is restarted. Failures are retried with backoff until --timeout-s (managed identity role
 assignments can take minutes to propagate); each attempt logs why it failed. The key never
 appears in a log line. Stdlib only (Python 3.11+).
-
-Progress goes to --status-file (``/run/tunnelhub/host-key.json``, 0644: state ``fetching``,
-``retrying``, ``failed`` or ``installed``, the attempt, the last error): the health endpoint
-names it in its answer for a tunnel route that is down, since a proxy without the hub key is one
-the tunnel host refuses.
+Progress goes to --status-file, which the health endpoint quotes for a tunnel route that is down.
 """
 
 from __future__ import annotations
@@ -222,8 +218,7 @@ def write_file(path: str, data: bytes, mode: int) -> None:
 
 
 def write_status(path: str, state: str, **fields: object) -> None:
-    """Record progress for the health endpoint (best effort: a status that cannot be written must
-    not stop the key from being installed)."""
+    """Best effort: a status that cannot be written must not stop the key from being installed."""
     try:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         body = {"state": state, "updated_at": round(time.time(), 1), **fields}
@@ -268,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sshd-config", default=SSHD_CONFIG, help="the config sshd -t checks")
     parser.add_argument("--no-restart", action="store_true", help="do not restart sshd (tests)")
     parser.add_argument("--status-file", default=STATUS_PATH,
-                        help=f"where progress is recorded for the health endpoint (default {STATUS_PATH})")
+                        help=f"progress for the health endpoint (default {STATUS_PATH})")
     parser.add_argument("--imds-url", default=IMDS_URL, help=argparse.SUPPRESS)
     parser.add_argument("--vault-url", help=argparse.SUPPRESS)
     parser.add_argument("--ssm-endpoint", help=argparse.SUPPRESS)
