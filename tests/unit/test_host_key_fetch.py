@@ -232,7 +232,8 @@ def test_aws_ssm_with_signature_checks(tmp_path, target, monkeypatch, credential
                                                     "Resource": "*"}]}
         cloud.credentials = instance_role_credentials(aws, policy)
         if credentials == "wrong-secret":
-            cloud.credentials["SecretAccessKey"] = "x" + cloud.credentials["SecretAccessKey"][1:]
+            secret = cloud.credentials["SecretAccessKey"]
+            cloud.credentials["SecretAccessKey"] = ("y" if secret[0] == "x" else "x") + secret[1:]  # always another secret
         aws.enforce()
         done = run_fetch(target, "--source", "aws-ssm", "--parameter", PARAMETER, "--imds-url", cloud.url,
                          "--ssm-endpoint", aws.url, "--timeout-s", "3" if credentials != "instance-profile" else "60")
