@@ -32,6 +32,7 @@ Nothing of the product is rewritten: every file is where the user data and the p
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import signal
@@ -52,7 +53,7 @@ from .hub import HEALTH_PORT, HUB_CIDR, ROUTE_PORT, SOURCE_CIDR, SOURCE_DATE_EPO
 from .lab import Lab
 from .machine import Machine, overlay_mounts_under
 from .netns import LinkSpec, RouteSpec, hub_links, in_netns
-from .proc import LabError, pid_alive, tail, wait_until
+from .proc import LabError, tail, wait_until
 from .stack import AppliedStack, ApplyInputs
 from .tls import LabCA
 
@@ -292,8 +293,10 @@ class BootHub:
 
         region = aws.provider("aws").get("region", "us-east-1")
         bucket_objects: dict[str, dict[str, str]] = {}
-        for body in aws.of_type("aws_s3_object").values():
-            content = body.get("content_base64") or base64.b64encode(str(body.get("content", "")).encode()).decode()
+        for name, body in aws.of_type("aws_s3_object").items():
+            if "source" in body:
+                raise LabError(f"aws_s3_object.{name} uploads a file (source=): the lab loads content/content_base64 only")
+            content = body.get("content_base64") or base64.b64encode(str(aws.resolve(body.get("content", ""))).encode()).decode()
             bucket_objects.setdefault(aws.resolve(body["bucket"]), {})[aws.resolve(body["key"])] = content
         aws_names = [f"ssm.{region}.amazonaws.com", f"s3.{region}.amazonaws.com", f"sts.{region}.amazonaws.com",
                      *(f"{b}.s3.{region}.amazonaws.com" for b in bucket_objects)]
@@ -438,7 +441,7 @@ class BootHub:
         self.lab.topology.exec("gw", ["ip", "route", "add", f"{slot_ip}/32", "dev",
                                       self.lab.topology.ifname("gw", proxy)])
         record = {
-            "id": "i-0" + f"{abs(hash(proxy)) % 16**16:016x}", "cloud": "aws",
+            "id": "i-0" + hashlib.sha256(f"{self.lab.prefix}/{proxy}".encode()).hexdigest()[:16], "cloud": "aws",
             "addresses": [AWS_PRIMARY_IP, slot_ip], "user_data": template["user_data"],
             "hostname": f"ip-{AWS_PRIMARY_IP.replace('.', '-')}",
             "aws": {
@@ -554,15 +557,3 @@ class BootHub:
         self.lbs[AWS_HUB] = lab.start_lb([LbRoute(AWS_ROUTE, ROUTE_PORT, frontend_port=AWS_LB_PORT)], check="http",
                                          interval_s=interval_s, threshold=threshold, health_port=HEALTH_PORT,
                                          wait_up_s=None, servers=[AWS_PROXY], name="lb-nslabaws", default=False)
-
-    def stop_all(self) -> None:
-        for machine in self.machines.values():
-            machine.stop()
-
-
-def kill_by_host_pid(pid: int, signum: int = signal.SIGKILL) -> None:
-    """Signal a container's process by its host PID (as an operator's ``kill`` inside would)."""
-    if not pid or not pid_alive(pid):
-        raise LabError(f"no process {pid} to signal")
-    os.kill(pid, signum)
-

@@ -221,11 +221,6 @@ class Machine:
     def unit_property(self, unit: str, prop: str) -> str:
         return self.run(["systemctl", "show", "-P", prop, unit], check=False).stdout.strip()
 
-    def main_pid(self, unit: str) -> int:
-        """The unit's main PID as the host sees it (0 when it has none)."""
-        inner = int(self.unit_property(unit, "MainPID") or 0)
-        return host_pid(self.leader, inner) if inner else 0
-
     def failed_units(self) -> list[str]:
         out = self.run(["systemctl", "list-units", "--failed", "--plain", "--no-legend"], check=False).stdout
         return [line.split()[0] for line in out.splitlines() if line.strip()]
@@ -277,23 +272,3 @@ def _children(pid: int) -> list[int]:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
-
-
-def host_pid(leader: int, inner_pid: int) -> int:
-    """The host PID of the process that is ``inner_pid`` inside the container of ``leader``."""
-    if inner_pid == 1:
-        return leader
-    todo = [leader]
-    while todo:
-        pid = todo.pop()
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("NSpid:"):
-                ids = line.split()[1:]
-                if len(ids) > 1 and int(ids[-1]) == inner_pid:
-                    return pid
-        todo += _children(pid)
-    raise LabError(f"no process {inner_pid} in the container of PID {leader}")
