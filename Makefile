@@ -13,9 +13,11 @@ PYTEST_ARGS ?=
 
 # Debian packages the tests drive for real (sshd, autossh, HAProxy, socat, MariaDB in network
 # namespaces; PostgreSQL for the health checks; cloud-init's schema check; lintian, shellcheck,
-# strace and debootstrap for the on-prem package).
+# strace and debootstrap for the on-prem package; systemd-nspawn to boot the proxies and the tunnel
+# host from a debootstrapped image, tests/boot).
 TEST_DEBS := openssh-server openssh-client autossh haproxy socat mariadb-server mariadb-client postgresql openssl \
-             cloud-init lintian debootstrap dpkg-dev iproute2 nftables iptables systemd shellcheck strace
+             cloud-init lintian debootstrap dpkg-dev iproute2 nftables iptables systemd shellcheck strace \
+             systemd-container
 
 # The example on-prem packages: `make synth` builds them the way a user would after deploy, from
 # the example stack outputs. With another SPEC, name its hubs and outputs file (or leave empty).
@@ -24,13 +26,14 @@ ONPREM_HUBS ?= weu use
 endif
 ONPREM_OUTPUTS ?= examples/outputs.json
 
-.PHONY: synth test bench lab venv venv-test debs clean help
+.PHONY: synth test bench lab boot venv venv-test debs clean help
 
 help:
 	@echo "make synth   synthesize every example stack into $(OUT)/ (and build the example .deb)"
 	@echo "make test    install test dependencies (venv + Debian packages) and run the test suite"
 	@echo "make bench   run the benchmarks under bench/ and print their numbers"
 	@echo "make lab     run the end-to-end network-namespace lab alone and print its report"
+	@echo "make boot    boot the generated proxies and tunnel host under real systemd/cloud-init, print the report"
 
 $(VENV)/.base-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,6 +81,11 @@ test: $(VENV)/.test-installed $(VENV)-checkov/.installed debs
 
 lab: $(VENV)/.test-installed debs
 	$(PY) -m pytest tests/e2e -m e2e -s -q $(PYTEST_ARGS)
+
+# The boot scenarios (docs/boot.md): the first run on a machine builds the bootable Debian 12 image
+# (~1.5 minutes, cached in .cache/boot/), later runs take ~3 minutes.
+boot: $(VENV)/.test-installed debs
+	$(PY) -m pytest tests/boot -m boot -s -q $(PYTEST_ARGS)
 
 # The benchmarks that print the project's figures (bench/jsii_probe.py is the ~35-minute research
 # probe behind docs/synth-speed.md: run it by hand).

@@ -10,7 +10,8 @@ health daemon, the sysctl drop-in) at the spec's static addresses behind a gatew
 TCP-connect health check also runs on each proxy (port 8080), idle unless probed: it is the
 reference probe "under the same conditions" for the negative controls of scenarios 5 and 6.
 
-Scenarios 1-10 are the issue's list, one test each, run in order; ``healthy`` resets the lab
+Scenarios 1 and 4-10 are the issue's list, one test each, run in order (2 and 3 run on booted
+machines: ``tests/boot/test_boot.py``, docs/boot.md); ``healthy`` resets the lab
 before each (cuts lifted, database up, every proxy and tunnel running, both proxies UP in the
 LB). Every wait is bounded. Figures go to the report (``nslab.report``) that ``make lab`` prints.
 
@@ -184,116 +185,9 @@ def test_s01_baseline_queries_through_the_lb_all_succeed(hub: GeneratedHub, hubl
 
 
 # --------------------------------------------------------------------------------------------
-# 2. One tunnel killed
+# 2-3. One tunnel killed; the reference's plain TCP probe: booted for real in tests/boot
+# (test_b04, test_b05: systemctl on the booted tunnel host, real proxies; docs/boot.md)
 # --------------------------------------------------------------------------------------------
-
-
-def test_s02_tunnel_killed_lb_stops_routing_and_the_tunnel_comes_back(hub: GeneratedHub, hublab: Lab) -> None:
-    """(a) The tunnel stays down (the unit stopped, as the reference lab measured it): time until
-    the LB stops routing to the proxy (bound: the 12 s target + 8 s load margin); queries after
-    that all succeed; the proxy rejoins once the unit runs again. (b) Every process of the unit
-    SIGKILLed: the restart policy brings the tunnel back by itself (bound 30 s: RestartSec=2 plus
-    a handshake on a loaded machine). No failed query outside the two outage windows."""
-    lab = hublab
-    runner = lab.tunnels[PROXY]
-    address = lab.proxy_address(PROXY)
-    driver = QueryDriver(lab.endpoint(), rate_hz=QUERY_RATE_HZ).start()
-    try:
-        time.sleep(2)
-        stopped_at = time.monotonic()
-        runner.stop()  # systemctl stop: autossh and ssh gone, then ExecStopPost
-        lab.wait_tunnel_listener(PROXY, present=False, timeout_s=10)
-        gone_at = time.monotonic()
-        route_removed = address not in quickack_routes(lab)
-        detect_s = lab.lb.wait_state(hub.backend, PROXY, "DOWN", timeout_s=60, since=gone_at)
-        down_at = time.monotonic()
-        time.sleep(5)
-        started_at = time.monotonic()
-        runner.start()
-        back_s = lab.wait_tunnel_listener(PROXY, timeout_s=RECOVERY_BOUND_S)
-        route_back = address in quickack_routes(lab)
-        rejoin_s = lab.lb.wait_state(hub.backend, PROXY, "UP", timeout_s=60, since=started_at)
-
-        time.sleep(1)
-        starts = len(runner.starts())
-        killed_at = time.monotonic()
-        runner.kill(signal.SIGKILL)  # systemctl kill --signal=KILL: the restart policy applies
-        lab.wait_tunnel_listener(PROXY, present=False, timeout_s=10)
-        lab.wait_tunnel_listener(PROXY, timeout_s=RECOVERY_BOUND_S)
-        restored_at = time.monotonic()
-        states = lab.lb.status_history(hub.backend, PROXY, duration_s=INTERVAL_S * THRESHOLD)
-    finally:
-        driver.stop()
-    window = driver.between(stopped_at - IN_FLIGHT_S, down_at + 0.5)
-    after = driver.between(down_at + 0.5, started_at)
-    kill_window = (killed_at - IN_FLIGHT_S, restored_at + 0.5)
-    outside = driver.failures_outside([(stopped_at - IN_FLIGHT_S, down_at + 0.5), kill_window])
-    in_kill = driver.between(*kill_window)
-    record("2 tunnel killed", "unit stopped -> LB stops routing to the proxy", detect_s,
-           target=f"<= {DETECTION_TARGET_S:.0f} s", bound=f"<= {DETECTION_BOUND_S:.0f} s",
-           reference="5.8-9.7 s (LAB-FINDINGS)")
-    record("2 tunnel killed", "queries failed before the LB stopped routing",
-           pct(sum(not r.ok for r in window), len(window)),
-           unit="failed", reference="~50 % in that window")
-    record("2 tunnel killed", "queries failed after it stopped routing", pct(sum(not r.ok for r in after), len(after)),
-           unit="failed", target="all succeed", bound="0 failed", reference="0 failed")
-    record("2 tunnel killed", "unit started again -> tunnel listener back", back_s)
-    record("2 tunnel killed", "unit started again -> proxy back in rotation", rejoin_s, reference="(rise 2 x 5 s)")
-    record("2 tunnel killed", "all unit processes SIGKILLed -> tunnel back by itself", restored_at - killed_at,
-           bound=f"<= {RECOVERY_BOUND_S:.0f} s", reference="ssh SIGKILLed: autossh restarts it, 0.34 s")
-    record("2 tunnel killed", "  queries failed in that outage", pct(sum(not r.ok for r in in_kill), len(in_kill)),
-           unit="failed")
-    record("2 tunnel killed", "  LB states in the 10 s after it", "/".join(dict.fromkeys(s for _, s in states)),
-           unit="")
-    record("2 tunnel killed", "queries failed outside the outage windows", len(outside), unit="",
-           target="none", bound="0")
-    assert detect_s <= DETECTION_BOUND_S
-    assert any(not r.ok for r in window), "the lab should see failures before detection"
-    assert after and all(r.ok for r in after), summarize(after)
-    assert route_removed and route_back, "ExecStopPost removed the quick-ACK route and ExecStartPre added it again"
-    assert len(runner.starts()) == starts + 1, "the restart policy, not the test, started the unit again"
-    assert restored_at - killed_at <= RECOVERY_BOUND_S
-    assert outside == [], summarize(outside)
-
-
-# --------------------------------------------------------------------------------------------
-# 3. The reference's plain TCP probe in the same situation (negative control)
-# --------------------------------------------------------------------------------------------
-
-
-def test_s03_reference_plain_tcp_probe_never_notices(hub: GeneratedHub, hublab: Lab) -> None:
-    """A second LB beside ours probes the route port with a plain TCP connect (the reference's
-    probe), same 5 s x 2. With proxy1's tunnel down it must never mark proxy1 down and about half
-    of its queries must fail (asserted 30-70 %): the control really fails, so the lab can see the
-    difference. Watched for the HTTP check's detection bound + 5 s, meanwhile our LB takes it out."""
-    lab = hublab
-    tcp_route = LbRoute(ROUTE_NAME, ROUTE_PORT, frontend_port=ROUTE_PORT + 1)
-    tcp_lb = lab.start_lb([tcp_route], check="tcp", interval_s=INTERVAL_S, threshold=THRESHOLD,
-                          name="lb-tcp-check", default=False)
-    runner = lab.tunnels[PROXY]
-    try:
-        runner.stop()
-        lab.wait_tunnel_listener(PROXY, present=False, timeout_s=10)
-        gone_at = time.monotonic()
-        tcp_driver = QueryDriver(lab.endpoint(port=tcp_route.listen_port), rate_hz=QUERY_RATE_HZ).start()
-        try:
-            history = tcp_lb.status_history(hub.backend, PROXY, duration_s=DETECTION_BOUND_S + 5)
-            ours = lab.lb.server_status(hub.backend, PROXY)
-        finally:
-            results = tcp_driver.stop()
-    finally:
-        tcp_lb.stop()
-        runner.start()
-    failed = sum(not r.ok for r in results)
-    record("3 plain TCP probe (control)", f"proxy1 states over {time.monotonic() - gone_at:.0f} s, TCP-checked LB",
-           "/".join(dict.fromkeys(s for _, s in history)), unit="", target="never DOWN (the control fails)",
-           reference="never marked down")
-    record("3 plain TCP probe (control)", "queries failed through the TCP-checked LB", pct(failed, len(results)),
-           unit="failed", bound="30-70 %", reference="~50 % for the whole outage")
-    record("3 plain TCP probe (control)", "our HTTP-checked LB meanwhile", ours, unit="")
-    assert all(status == "UP" for _, status in history), history
-    assert results and 0.3 <= failed / len(results) <= 0.7, summarize(results)
-    assert ours == "DOWN"
 
 
 # --------------------------------------------------------------------------------------------

@@ -85,11 +85,12 @@ class Http:
 
 
 @pytest.fixture
-def daemon_for():
+def daemon_for(tmp_path):
     started: list[health.HealthDaemon] = []
 
-    def start(*routes: dict, check=health.run_check) -> tuple[health.HealthDaemon, Http]:
-        daemon = health.HealthDaemon(config(*routes), check=check)
+    def start(*routes: dict, check=health.run_check,
+              host_key_status: Path = tmp_path / "no-host-key-status.json") -> tuple[health.HealthDaemon, Http]:
+        daemon = health.HealthDaemon(config(*routes), check=check, host_key_status=str(host_key_status))
         daemon.start()
         started.append(daemon)
         return daemon, Http(daemon.port)
@@ -339,6 +340,32 @@ def test_route_path_answers_503_with_the_reason(daemon_for):
     status, body = first_result(client)
     assert status == 503 and body["healthy"] is False
     assert body["reason"].startswith("connection refused on 127.0.0.1:")
+
+
+def test_a_down_tunnel_route_names_the_missing_hub_host_key(daemon_for, tmp_path):
+    """Booted for real (tests/boot, test_b07), a proxy whose Key Vault read was refused answered
+    only "no tunnel listener": true, but not why. While tunnelhub_fetch_host_key.py records that
+    the hub key is not installed, a tunnel route that is down says so (and the error); forward
+    routes, which need no tunnel, do not; an installed key or no record at all adds nothing."""
+    status_file = tmp_path / "host-key.json"
+    error = "GET https://kv.vault.azure.net/secrets/hub-ssh-host-key answered HTTP 403: ForbiddenByRbac"
+    status_file.write_text(json.dumps({"state": "retrying", "attempt": 3, "error": error, "source": "azure-keyvault"}))
+    tunnel_port, forward_port = free_port(), free_port()
+    daemon, client = daemon_for(route("mysql", tunnel_port, name="db"),
+                                route("tls", forward_port, kind="forward", name="api"),
+                                host_key_status=status_file)
+    code, body = first_result(client, "db")
+    assert code == 503
+    assert body["reason"].startswith("connection refused on 127.0.0.1:")
+    assert body["reason"].endswith(f"; the hub SSH host key is not installed yet (retrying) (attempt 3: {error}); "
+                                   "the tunnel host refuses this proxy until it presents that key"), body["reason"]
+    assert "host key" not in first_result(client, "api")[1]["reason"]
+    assert client.get("/")[1]["host_key"]["state"] == "retrying"
+
+    status_file.write_text(json.dumps({"state": "installed", "attempt": 4, "fingerprint": "SHA256:x"}))
+    assert wait_until(lambda: "host key" not in client.get("/routes/db")[1]["reason"], what="the note gone")
+    status_file.unlink()
+    assert client.get("/")[1]["host_key"] is None and "host key" not in client.get("/routes/db")[1]["reason"]
 
 
 def test_a_route_turns_503_then_200_as_its_target_goes_away_and_back(daemon_for):

@@ -104,13 +104,14 @@ def target(tmp_path):
     config = etc / "sshd_config"
     config.write_text(f"Include {etc}/sshd_config.d/*.conf\nPidFile {tmp_path}/sshd.pid\nUsePAM no\n")
     return {"key": etc / "tunnelhub_host_ed25519_key", "dropin": etc / "sshd_config.d" / "05-tunnelhub-host-key.conf",
-            "config": config}
+            "config": config, "status": tmp_path / "run" / "tunnelhub" / "host-key.json"}
 
 
 def run_fetch(target, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args, "--key-path", str(target["key"]), "--dropin-path",
-         str(target["dropin"]), "--sshd-config", str(target["config"]), "--no-restart"],
+         str(target["dropin"]), "--sshd-config", str(target["config"]), "--no-restart",
+         "--status-file", str(target["status"])],
         capture_output=True, text=True, timeout=timeout_s, env=ENV)
 
 
@@ -160,6 +161,30 @@ def test_azure_keyvault_retries_while_access_propagates(tmp_path, target):
     assert "Caller is not authorized" in done.stdout
     assert 2 <= elapsed < 20
     assert_installed(target, private_key, done.stdout)
+    status = json.loads(target["status"].read_text())
+    assert (status["state"], status["attempt"], status["source"]) == ("installed", 2, "azure-keyvault")
+    assert stat.S_IMODE(target["status"].stat().st_mode) == 0o644  # the health daemon (DynamicUser) reads it
+
+
+def test_the_status_file_records_each_failed_attempt_for_the_health_endpoint(target):
+    """What the health endpoint quotes while tunnels cannot reach the proxy: the state (fetching,
+    retrying, failed), the attempt and the error of the last one; never key material."""
+    with FakeCloud() as cloud:
+        process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--source", "azure-keyvault", "--imds-url", cloud.url, "--timeout-s", "4",
+             "--key-path", str(target["key"]), "--dropin-path", str(target["dropin"]), "--sshd-config",
+             str(target["config"]), "--no-restart", "--status-file", str(target["status"])],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+        deadline = time.monotonic() + 10
+        while not (target["status"].exists() and json.loads(target["status"].read_text())["state"] == "retrying"):
+            assert time.monotonic() < deadline, "no 'retrying' record"
+            time.sleep(0.05)
+        retrying = json.loads(target["status"].read_text())
+        output, _ = process.communicate(timeout=30)
+    assert retrying["attempt"] == 1 and "the VM has no tag tunnelhub-host-key-secret" in retrying["error"]
+    assert retrying["retry_in_s"] == 2
+    final = json.loads(target["status"].read_text())
+    assert process.returncode == 1 and final["state"] == "failed" and final["attempt"] >= 2, output
 
 
 def test_azure_missing_tag_fails_after_the_deadline(target):
@@ -207,7 +232,8 @@ def test_aws_ssm_with_signature_checks(tmp_path, target, monkeypatch, credential
                                                     "Resource": "*"}]}
         cloud.credentials = instance_role_credentials(aws, policy)
         if credentials == "wrong-secret":
-            cloud.credentials["SecretAccessKey"] = "x" + cloud.credentials["SecretAccessKey"][1:]
+            secret = cloud.credentials["SecretAccessKey"]
+            cloud.credentials["SecretAccessKey"] = ("y" if secret[0] == "x" else "x") + secret[1:]  # always another secret
         aws.enforce()
         done = run_fetch(target, "--source", "aws-ssm", "--parameter", PARAMETER, "--imds-url", cloud.url,
                          "--ssm-endpoint", aws.url, "--timeout-s", "3" if credentials != "instance-profile" else "60")

@@ -266,6 +266,17 @@ def test_units_carry_the_restart_and_timing_policy(extracted):
     assert "WantedBy=multi-user.target" in target
 
 
+def test_a_stopped_tunnel_is_inactive_not_failed(extracted):
+    """``systemctl stop`` sends autossh SIGTERM, and autossh 1.4g (Debian 12) answers it with exit
+    status 1: booted for real (tests/boot, test_b03), every stopped tunnel unit and the target's
+    instances ended "failed" and the tunnel host "degraded". Status 1 counts as a clean exit; the
+    unit still restarts after any exit (Restart=always), so nothing else changes."""
+    root, _ = extracted["weu"]
+    unit = (root / "lib/systemd/system/tunnelhub-weu@.service").read_text().splitlines()
+    assert "SuccessExitStatus=1" in unit
+    assert "Restart=always" in unit
+
+
 def test_exec_start_is_self_contained(built, extracted):
     root, _ = extracted["weu"]
     unit = (root / "lib/systemd/system/tunnelhub-weu@.service").read_text()

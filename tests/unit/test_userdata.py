@@ -231,6 +231,20 @@ def test_users_and_runcmd(hub, slot, ud):
 
 
 @pytest.mark.parametrize(("hub", "slot", "ud"), EXAMPLES, ids=EXAMPLE_IDS)
+def test_first_boot_host_keys_never_look_like_a_changed_hub_key(hub, slot, ud):
+    """Before the hub host key is fetched, sshd serves keys cloud-init generates. The booted lab
+    (tests/boot) showed the tunnel host logging "REMOTE HOST IDENTIFICATION HAS CHANGED" for every
+    first boot when one of them was ed25519, the one type the package's ssh_config accepts and
+    pins: the instance keys must be of another type (cloud-init cc_ssh ``ssh_genkeytypes``, schema
+    enum dsa/ecdsa/ed25519/rsa in 22.4 and 24.x), and keys baked into an image deleted."""
+    data = config_of(ud)
+    assert data["ssh_genkeytypes"] == ["ecdsa"]
+    assert data["ssh_deletekeys"] is True
+    template = (ROOT / "tunnelhub" / "onprem" / "templates" / "ssh_config.j2").read_text()
+    assert re.search(r"^\s*HostKeyAlgorithms ssh-ed25519$", template, re.M), "the tunnel host accepts ed25519 only"
+
+
+@pytest.mark.parametrize(("hub", "slot", "ud"), EXAMPLES, ids=EXAMPLE_IDS)
 def test_boot_config(hub, slot, ud):
     boot = json.loads(files_of(ud)["/etc/tunnelhub/boot.json"].content)
     assert boot["slot"] == slot and boot["hub"] == hub.name and boot["cloud"] == hub.cloud

@@ -87,7 +87,8 @@ def test_failures_are_retried_then_reported(rendered, monkeypatch, problem):
             "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:PutObject", "Resource": "*"}]}
         cloud.credentials = instance_role_credentials(aws, policy)
         if problem == "wrong-secret":
-            cloud.credentials["SecretAccessKey"] = "x" + cloud.credentials["SecretAccessKey"][1:]
+            secret = cloud.credentials["SecretAccessKey"]
+            cloud.credentials["SecretAccessKey"] = ("y" if secret[0] == "x" else "x") + secret[1:]  # always another secret
         aws.enforce()
         done = run_fetch(config, cloud, aws, timeout_s="3")
     assert done.returncode == 1

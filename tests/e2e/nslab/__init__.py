@@ -17,4 +17,9 @@ Modules:
 - ``cdc``        the streaming reader and the on-prem writer of the long-lived-connection scenario
 - ``fixtures``   skip when the lab cannot run; one lab shared by a module's tests
 - ``report``     the scenarios' measured figures, printed as one table at the end of the run
+- ``machine``    a booted machine: ``systemd-nspawn --boot`` of the test image in a lab namespace
+- ``stack``      a synthesized stack "applied": references and computed attributes, as the providers
+- ``fakecloud``  the cloud at the network edge: IMDS (Azure, AWS), Key Vault, moto's SSM and S3
+- ``tls``        the lab CA for the fake cloud's HTTPS endpoints
+- ``boothub``    the lab's hubs deployed and booted for real (tests/boot, docs/boot.md)
 """

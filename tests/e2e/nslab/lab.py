@@ -209,13 +209,15 @@ class Lab:
                  interval_s: float = 5.0, threshold: int = 2,
                  check_timeout_s: float | None = None, health_port: int = HEALTH_PORT,
                  wait_up_s: float | None = 60.0, name: str = "lb-haproxy",
-                 default: bool = True) -> Haproxy:
+                 default: bool = True, servers: Sequence[str] | None = None) -> Haproxy:
         """HAProxy in the ``lb`` namespace: the load balancer (``default``: ``self.lb``), or
-        another one beside it (its own ``name``, frontend ports and stats socket)."""
+        another one beside it (its own ``name``, frontend ports and stats socket). ``servers``:
+        the proxies behind it (default: every proxy)."""
         sock = self.path("lb", f"{name}.sock")
         sock.parent.mkdir(parents=True, exist_ok=True)
-        servers = [LbBackendServer(p, self.topology.ip(p, "lb")) for p in self.proxy_names]
-        cfg = lb_config(routes=routes, servers=servers,
+        members = list(self.proxy_names if servers is None else servers)
+        backend = [LbBackendServer(p, self.topology.ip(p, "lb")) for p in members]
+        cfg = lb_config(routes=routes, servers=backend,
                         bind_address=self.topology.ip("lb", "client"), stats_socket=sock,
                         check=check, health_port=health_port, interval_s=interval_s,
                         threshold=threshold, check_timeout_s=check_timeout_s)
@@ -227,7 +229,7 @@ class Lab:
         lb.start()
         if wait_up_s:
             for route in routes:
-                for proxy in self.proxy_names:
+                for proxy in members:
                     lb.wait_state(f"be_{route.name}", proxy, "UP", timeout_s=wait_up_s)
         return lb
 

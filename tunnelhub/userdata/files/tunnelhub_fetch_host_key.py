@@ -15,6 +15,7 @@ at it only (the generated default keys are no longer offered), ``sshd -t`` check
 sshd is restarted. Failures are retried with backoff until --timeout-s (managed identity role
 assignments can take minutes to propagate); each attempt logs why it failed. The key never
 appears in a log line. Stdlib only (Python 3.11+).
+Progress goes to --status-file, which the health endpoint quotes for a tunnel route that is down.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import urllib.request
 IMDS_URL = "http://169.254.169.254"
 KEY_PATH = "/etc/ssh/tunnelhub_host_ed25519_key"
 DROPIN_PATH = "/etc/ssh/sshd_config.d/05-tunnelhub-host-key.conf"
+STATUS_PATH = "/run/tunnelhub/host-key.json"
 SSHD_CONFIG = "/etc/ssh/sshd_config"
 AZURE_TAG = "tunnelhub-host-key-secret"
 KEYVAULT_API_VERSION = "7.4"
@@ -215,6 +217,16 @@ def write_file(path: str, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
+def write_status(path: str, state: str, **fields: object) -> None:
+    """Best effort: a status that cannot be written must not stop the key from being installed."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        body = {"state": state, "updated_at": round(time.time(), 1), **fields}
+        write_file(path, (json.dumps(body) + "\n").encode(), 0o644)
+    except OSError as exc:
+        log(f"cannot write the status file {path}: {exc}")
+
+
 def install_key(private_key: str, *, key_path: str, dropin_path: str, sshd_config: str, restart: bool) -> str:
     text = private_key.strip().replace("\r\n", "\n") + "\n"
     if "-----BEGIN OPENSSH PRIVATE KEY-----" not in text:
@@ -250,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dropin-path", default=DROPIN_PATH)
     parser.add_argument("--sshd-config", default=SSHD_CONFIG, help="the config sshd -t checks")
     parser.add_argument("--no-restart", action="store_true", help="do not restart sshd (tests)")
+    parser.add_argument("--status-file", default=STATUS_PATH,
+                        help=f"progress for the health endpoint (default {STATUS_PATH})")
     parser.add_argument("--imds-url", default=IMDS_URL, help=argparse.SUPPRESS)
     parser.add_argument("--vault-url", help=argparse.SUPPRESS)
     parser.add_argument("--ssm-endpoint", help=argparse.SUPPRESS)
@@ -259,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
     deadline = time.monotonic() + args.timeout_s
     delay, attempt = 2.0, 0
+    write_status(args.status_file, "fetching", source=args.source, attempt=1)
     while True:
         attempt += 1
         try:
@@ -270,17 +285,22 @@ def main(argv: list[str] | None = None) -> int:
                                       sshd_config=args.sshd_config, restart=not args.no_restart)
         except Fatal as exc:
             log(f"FAILED: {exc}")
+            write_status(args.status_file, "failed", source=args.source, attempt=attempt, error=str(exc))
             return 2
         except (Retry, OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
             left = deadline - time.monotonic()
             if left <= delay:
                 log(f"FAILED after {attempt} attempt(s) in {args.timeout_s:g} s: {exc}")
+                write_status(args.status_file, "failed", source=args.source, attempt=attempt, error=str(exc))
                 return 1
             log(f"attempt {attempt} failed, retrying in {delay:g} s ({left:.0f} s left): {exc}")
+            write_status(args.status_file, "retrying", source=args.source, attempt=attempt, error=str(exc),
+                         retry_in_s=delay)
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
             continue
         log(f"installed the hub host key {fingerprint} at {args.key_path} ({args.source}, attempt {attempt})")
+        write_status(args.status_file, "installed", source=args.source, attempt=attempt, fingerprint=fingerprint)
         return 0
 
 

@@ -32,6 +32,10 @@ Design (why it is not "connect on every request" like the reference check):
     banner      server-speaks-first protocols: at least one byte
     connect     TCP connect + a short settle window for an immediate close; see
                 ``check_connect`` for what it cannot see
+* A tunnel route that is down while the hub SSH host key is not installed says so: the host
+  key fetch records its progress in ``/run/tunnelhub/host-key.json`` and, until it reads
+  ``installed``, the reason ends with the fetch's last error, because the tunnel host refuses
+  a proxy that does not present the hub key (``GET /`` shows the record under ``host_key``).
 * ``GET /healthz`` reports the daemon itself (checker threads alive and looping), never
   route health, so an instance-health check (AWS ASG target group) does not replace every
   proxy during a database outage.
@@ -48,6 +52,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -64,6 +69,7 @@ from typing import Any
 LOG = logging.getLogger("tunnelhub-health")
 
 DEFAULT_CONFIG_PATH = "/etc/tunnelhub/health.json"
+DEFAULT_HOST_KEY_STATUS = "/run/tunnelhub/host-key.json"  # written by tunnelhub_fetch_host_key.py
 PROBE_MODES = ("mysql", "postgresql", "sqlserver", "oracle", "tls", "banner", "connect")
 ROUTE_KINDS = ("tunnel", "forward")
 DEFAULT_CHECK_USER = "tunnelhub_check"
@@ -832,13 +838,55 @@ def run_check(route: Route, resolver: Resolver | None = None) -> CheckResult:
 # --------------------------------------------------------------------------------------
 
 
+class HostKeyStatus:
+    """The host key fetch's progress file, re-read only when it changes. No file: nothing to say
+    (a second boot, where the key is already in place, or a proxy booted another way)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._seen: tuple[int, int] | None = None
+        self._record: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def record(self) -> dict[str, Any] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        with self._lock:
+            if self._seen != (st.st_mtime_ns, st.st_size):
+                try:
+                    with open(self.path, encoding="utf-8") as fh:
+                        record = json.load(fh)
+                    self._record = record if isinstance(record, dict) else None
+                except (OSError, ValueError):
+                    self._record = None
+                self._seen = (st.st_mtime_ns, st.st_size)
+            return self._record
+
+    def problem(self) -> str | None:
+        """Why tunnels cannot reach this proxy yet, or None once the key is installed."""
+        record = self.record()
+        if record is None or record.get("state") == "installed":
+            return None
+        state = record.get("state", "?")
+        what = {"fetching": "being fetched", "retrying": "not installed yet (retrying)",
+                "failed": "not installed: the fetch gave up"}.get(state, f"in state {state!r}")
+        error = record.get("error")
+        detail = f" (attempt {record.get('attempt', '?')}: {error})" if error else ""
+        return (f"the hub SSH host key is {what}{detail}; the tunnel host refuses this proxy until it "
+                "presents that key")
+
+
 class RouteChecker(threading.Thread):
     """Runs one route's check at a fixed rate and keeps the last result."""
 
     def __init__(self, route: Route, stop: threading.Event,
-                 check: Callable[[Route, Resolver], CheckResult] = run_check):
+                 check: Callable[[Route, Resolver], CheckResult] = run_check,
+                 host_key: HostKeyStatus | None = None):
         super().__init__(name=f"check-{route.name}", daemon=True)
         self.route = route
+        self.host_key = host_key
         self.result: CheckResult | None = None  # replaced whole: readers need no lock
         self.rounds = 0
         self.heartbeat = time.monotonic()  # start of the current round
@@ -881,6 +929,10 @@ class RouteChecker(threading.Thread):
                               f"{probe.stale_after_s:.1f} s), checker stuck? last result: {result.reason}")
         else:
             body["healthy"], body["reason"] = result.healthy, result.reason
+        if not body["healthy"] and self.route.kind == "tunnel" and self.host_key is not None:
+            problem = self.host_key.problem()
+            if problem:
+                body["reason"] += f"; {problem}"
         return body
 
     def alive(self, now: float) -> bool:
@@ -978,10 +1030,12 @@ class HealthDaemon:
     """Checker threads + HTTP server; ``start()`` then ``stop()``, or ``main()``."""
 
     def __init__(self, config: Config,
-                 check: Callable[[Route, Resolver], CheckResult] = run_check):
+                 check: Callable[[Route, Resolver], CheckResult] = run_check,
+                 host_key_status: str = DEFAULT_HOST_KEY_STATUS):
         self.config = config
         self.stop_event = threading.Event()
-        self.checkers = {route.name: RouteChecker(route, self.stop_event, check)
+        self.host_key = HostKeyStatus(host_key_status)
+        self.checkers = {route.name: RouteChecker(route, self.stop_event, check, self.host_key)
                          for route in config.routes}
         self.started_at = time.monotonic()
         self.server: HealthHTTPServer | None = None
@@ -1014,7 +1068,8 @@ class HealthDaemon:
     def summary(self, now: float) -> dict[str, Any]:
         routes = {name: checker.status(now) for name, checker in self.checkers.items()}
         return {"healthy": all(r["healthy"] for r in routes.values()),
-                "uptime_s": round(now - self.started_at, 1), "routes": routes}
+                "uptime_s": round(now - self.started_at, 1), "routes": routes,
+                "host_key": self.host_key.record()}
 
     def liveness(self, now: float) -> dict[str, Any]:
         checkers = {name: {"alive": checker.alive(now),
@@ -1062,6 +1117,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="tunnelhub per-route health endpoint")
     parser.add_argument("--config", default=DEFAULT_CONFIG_PATH,
                         help=f"health config JSON (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--host-key-status", default=DEFAULT_HOST_KEY_STATUS,
+                        help=f"the host key fetch's progress file (default {DEFAULT_HOST_KEY_STATUS})")
     parser.add_argument("--once", action="store_true",
                         help="check every route once, print JSON, exit 0 if all are healthy else 1")
     args = parser.parse_args(argv)
@@ -1076,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.once:
         return _run_once(config)
 
-    daemon = HealthDaemon(config)
+    daemon = HealthDaemon(config, host_key_status=args.host_key_status)
     try:
         daemon.start()
     except OSError as exc:
