@@ -560,15 +560,22 @@ def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
 
 
 def run(argv: list[str], what: str) -> tuple[bool, str]:
+    """Run a command (bounded); (ok, its last output lines as one line, for the log)."""
+    ok, output = capture(argv, what)
+    return ok, output if not ok else " | ".join(output.strip().splitlines()[-8:])
+
+
+def capture(argv: list[str], what: str) -> tuple[bool, str]:
+    """Run a command (bounded); (ok, its whole output), or (False, why) when it failed."""
     try:
         done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               timeout=COMMAND_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"{what} ({' '.join(argv)}) failed: {exc}"
-    output = " | ".join(done.stdout.strip().splitlines()[-8:])
     if done.returncode != 0:
-        return False, f"{what} ({' '.join(argv)}) exited {done.returncode}: {output}"
-    return True, output
+        tail = " | ".join(done.stdout.strip().splitlines()[-8:])
+        return False, f"{what} ({' '.join(argv)}) exited {done.returncode}: {tail}"
+    return True, done.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,7 +622,7 @@ def process_user(pid: int) -> str | None:
     """The user an sshd session process serves, from its title ("sshd: tunnel [priv]")."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            title = fh.read().replace(b"\x00", b" ").decode("utf-8", "replace").strip()
+            title = fh.read().split(b"\x00", 1)[0].decode("utf-8", "replace").strip()
     except OSError:
         return None
     match = PROCESS_TITLE_RE.match(title)
@@ -646,7 +653,7 @@ def close_revoked_sessions(settings: Settings, revoked: set[str], allowed: set[s
     reconnects within seconds if its key is still authorized): fail closed. SIGTERM to every
     process holding the connection, SIGKILL if it is still there after 5 s.
     """
-    ok, output = run(settings.commands["sessions"], "listing the SSH sessions")
+    ok, output = capture(settings.commands["sessions"], "listing the SSH sessions")
     if not ok:
         log("FAILED", output)
         return []
