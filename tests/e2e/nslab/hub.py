@@ -83,9 +83,9 @@ def proxy_ips(count: int) -> list[str]:
     return [str(ip) for ip in plan.proxy_ips]
 
 
-def hub_lab(*, proxies: int = 2, client_to_db: bool = False) -> Lab:
+def hub_lab(*, proxies: int = 2, client_to_db: bool = False, remote_service: bool = False) -> Lab:
     """A :class:`Lab` laid out as the lab hub expects (not opened yet)."""
-    links, routes = hub_links(proxy_ips(proxies), client_to_db=client_to_db)
+    links, routes = hub_links(proxy_ips(proxies), client_to_db=client_to_db, remote_service=remote_service)
     return Lab(proxies=proxies, tunnel_user=TUNNEL_USER, links=links, routes=routes)
 
 
@@ -139,6 +139,12 @@ class GeneratedHub:
         self._bootstraps = {slot: render_cloud_init(self.hub, slot).payload for slot in range(len(lab.proxy_names))}
         self.deb = self._build_deb()
         self.onprem = self._install_onprem()
+        # The proxies are in one /26 but each on its own link to the gateway: a proxy ARPs for a
+        # peer on-link. Azure's network answers every ARP in a subnet itself (its virtual gateway
+        # MAC), so the lab's gateway answers for the peers (proxy ARP) and routes between them:
+        # the rollout gate's proxy-to-proxy health queries travel as in the VNet.
+        for proxy in lab.proxy_names:
+            lab.topology.sysctl("gw", f"net.ipv4.conf.{lab.topology.ifname('gw', proxy)}.proxy_arp", 1)
 
     def _load(self, data: dict) -> Hub:
         name = f"lab-hub{'' if self.tcp_quickack else '-noquickack'}"

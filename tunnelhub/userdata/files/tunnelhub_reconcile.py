@@ -765,6 +765,11 @@ class Reconciler:
         self.status.last_fetch = {"at": utc_now(), "ok": True, "error": None}
         raw_sha = hashlib.sha256(raw).hexdigest()
         if self.applied is not None and raw_sha == self.applied.raw_sha256:
+            if self.status.state == "refused":  # the channel is back to what runs: the refusal is over
+                self.status.state, self.status.detail = "applied", ""
+            self._refused_raw = None
+            self.pending = None
+            self.status.pending = None
             return None
         if self.pending is not None and raw_sha == self.pending.raw_sha256:
             return self.pending
@@ -826,11 +831,19 @@ class Reconciler:
         healthy = [name for name in changed if local.get("routes", {}).get(name, {}).get("healthy")]
         if not healthy:
             return None
+        silent = []
         for peer in sorted(document.payload["peers"], key=lambda p: p["slot"]):
             if peer["slot"] >= slot:
-                return None  # no lower slot answers: this proxy is the canary
+                if silent:  # no lower slot answers: this proxy is the canary (said once per document)
+                    key = (document.version, "canary")
+                    if self._waiting_logged != key:
+                        log("", f"config {document.version}: no lower slot's health endpoint answers "
+                            f"({', '.join(silent)}): slot {slot} applies it as the canary")
+                        self._waiting_logged = key
+                return None
             answer = peer_summary(peer["address"], document.payload["health_port"])
             if answer is None:
+                silent.append(f"slot {peer['slot']} at {peer['address']}")
                 continue
             where = f"canary slot {peer['slot']} ({peer['address']})"
             if answer.get("config_version") != document.version:
