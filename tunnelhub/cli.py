@@ -212,6 +212,35 @@ def render_userdata(spec: Path | None, hub_name: str, slot: int | None, out: Pat
         progress(f"wrote {out}")
 
 
+@main.command("render-config")
+@spec_argument
+@click.option("--hub", "hub_name", metavar="NAME", help="The hub (default: the spec's only hub).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Write the document here instead of stdout.")
+def render_config(spec: Path | None, hub_name: str | None, out: Path | None) -> None:
+    """Print a hub's configuration document (what the proxies apply live); version and size to stderr.
+
+    On a proxy, `tunnelhub_reconcile.py --check FILE` says whether it would accept it and what it changes.
+    """
+    from tunnelhub.userdata import UserDataError, render_document
+
+    hub = pick_hub(load(spec), hub_name)
+    try:
+        document = render_document(hub)
+        channel = (f"Azure user_data {len(document.azure_user_data())} bytes base64" if hub.cloud == "azure"
+                   else "AWS S3 object config/hub-config.json")
+    except UserDataError as exc:
+        raise click.ClickException(str(exc)) from None
+    if out is not None:
+        out.write_text(document.text, encoding="utf-8")
+    else:
+        click.echo(document.text, nl=False)
+    progress(f"hub {hub.name}: configuration document {document.version}, {len(document.text.encode())} bytes "
+             f"({channel}); {len(hub.routes)} route(s), {len(hub.onprem.tunnel_public_keys)} tunnel key(s)")
+    if out is not None:
+        progress(f"wrote {out}")
+
+
 @main.group()
 def onprem() -> None:
     """The on-prem tunnel host: its .deb of autossh units."""
