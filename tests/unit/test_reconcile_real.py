@@ -20,7 +20,6 @@ daemons (the documented reconcile.json options), sshd listens on a free port.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import pwd
@@ -35,7 +34,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.helpers import spec_text
 from tunnelhub.spec import validate_text

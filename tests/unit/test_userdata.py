@@ -595,3 +595,43 @@ def test_a_large_aws_hub_still_fits(tmp_path):
     document = D.render_document(hub)
     print(f"large aws hub: document {len(document.text)} bytes")
     assert len(base64.b64encode(document.text.encode())) <= D.AZURE_USER_DATA_LIMIT_BYTES
+
+
+@pytest.mark.parametrize(("hub", "slot", "ud"), EXAMPLES, ids=EXAMPLE_IDS)
+def test_reconciler_unit_and_haproxy_dropin(hub, slot, ud):
+    files = files_of(ud)
+    unit = files["/etc/systemd/system/tunnelhub-reconcile.service"].content.splitlines()
+    assert ("ExecStart=/usr/bin/python3 /usr/local/lib/tunnelhub/tunnelhub_reconcile.py "
+            "--config /etc/tunnelhub/reconcile.json") in unit
+    for line in ("Restart=always", "StartLimitIntervalSec=0", "NoNewPrivileges=yes", "ProtectHome=yes",
+                 "RuntimeDirectory=tunnelhub", "RuntimeDirectoryPreserve=yes", "StateDirectory=tunnelhub",
+                 "WantedBy=multi-user.target"):
+        assert line in unit, line
+    dropin = files["/etc/systemd/system/haproxy.service.d/10-tunnelhub.conf"].content.splitlines()
+    both = "-f /etc/haproxy/haproxy.cfg -f /etc/haproxy/tunnelhub-routes.cfg"
+    assert dropin[dropin.index("ExecStart=") + 1] == (
+        f"ExecStart=/usr/sbin/haproxy -Ws {both} -p /run/haproxy.pid -S /run/haproxy-master.sock")
+    assert f"ExecReload=/usr/sbin/haproxy -Ws -c -q {both}" in dropin
+    assert "ExecReload=/bin/kill -USR2 $MAINPID" in dropin
+    config = json.loads(files["/etc/tunnelhub/reconcile.json"].content)
+    assert config["source"]["type"] == ("azure-imds" if hub.cloud == "azure" else "aws-s3")
+    assert config["commands"]["haproxy_reload"] == ["systemctl", "reload-or-restart", "haproxy.service"]
+    assert (config["slot"], config["slot_file"]) == ((slot, None) if hub.cloud == "azure" else (None, "/etc/tunnelhub/slot"))
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_reconciler_unit_passes_systemd_analyze(tmp_path):
+    ud = render_cloud_init(load_spec(EXAMPLE).hub("weu"), 0)
+    text = files_of(ud)["/etc/systemd/system/tunnelhub-reconcile.service"].content
+    unit = tmp_path / "tunnelhub-reconcile.service"
+    unit.write_text(text)
+
+    def problems(path: Path) -> list[str]:
+        done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(path)], capture_output=True, text=True,
+                              timeout=60)
+        return [ln for ln in (done.stdout + done.stderr).splitlines()
+                if "tunnelhub-reconcile.service" in ln and "tunnelhub_reconcile.py" not in ln]
+
+    assert problems(unit) == []
+    unit.write_text(text.replace("Restart=always", "Restart=sometimes"))  # negative control
+    assert problems(unit)
