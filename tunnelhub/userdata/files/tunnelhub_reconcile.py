@@ -48,6 +48,10 @@ Options (reconcile.json; written by the bootstrap, every key required unless mar
                                   session_log (sshd's log, for "Accepted publickey" lines)
   session_log_file                optional: read sshd's log from this file instead of session_log
 
+Exit status: the service runs until SIGTERM (0); ``--boot`` and ``--once`` exit 0 when the
+document is applied (or already was), 1 when it was refused or failed, ``--once`` 3 when it waits
+for the canary; ``--check`` 0 for a valid document, 1 refused; 2 for a bad reconcile.json.
+
 Log lines (stderr, journald) start with ``tunnelhub-reconcile:`` and one of APPLIED, REFUSED,
 WAITING, FAILED, CLOSED, DRIFT. Stdlib only (Python 3.11+); shares the AWS request code of
 tunnelhub_fetch_host_key.py and the health daemon's config parser (same directory).
