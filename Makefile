@@ -89,7 +89,7 @@ boot: $(VENV)/.test-installed debs
 
 # The benchmarks that print the project's figures (bench/jsii_probe.py is the ~35-minute research
 # probe behind docs/synth-speed.md: run it by hand).
-BENCHES := bench/synth.py bench/health_bench.py bench/datapath.py
+BENCHES := bench/synth.py bench/health_bench.py bench/datapath.py bench/live_config.py
 
 bench: $(VENV)/.test-installed debs
 	@set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) $$b; done

@@ -66,3 +66,54 @@ def mutated(hub: dict[str, Any], change: Callable[[dict[str, Any]], None]) -> di
     hub = copy.deepcopy(hub)
     change(hub)
     return hub
+
+
+# ---------------------------------------------------------------------------------------------
+# Routine and machine changes (issue 14): the same catalogue for the document tests, the synth
+# tests and the e2e lab. A routine change must reach the proxies live (the bootstrap user data is
+# byte-identical); a machine change replaces them.
+# ---------------------------------------------------------------------------------------------
+
+SECOND_TUNNEL_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ3b6Y1lV2fQ9m6Xb9y0aZk0K8yYb5j3v5m9v2Yk0xQf tunnel@second"
+
+
+def _add_tunnel_route(hub: dict[str, Any]) -> None:
+    hub["routes"].append({"name": "erp-mssql", "kind": "tunnel", "port": 1433, "target": "erp-db.corp.example:1433",
+                          "type": "sqlserver"})
+
+
+def _add_forward_route(hub: dict[str, Any]) -> None:
+    hub["routes"].append({"name": "partner-api", "kind": "forward", "port": 8443, "target": "api.partner.example:443"})
+
+
+def _remove_route(hub: dict[str, Any]) -> None:
+    gone = hub["routes"].pop()["name"]
+    databricks = hub.get("databricks") or {}
+    databricks["connections"] = [c for c in databricks.get("connections", []) if c["route"] != gone]
+
+
+def _rotate_tunnel_key(hub: dict[str, Any]) -> None:
+    hub["onprem"]["tunnel_public_keys"] = [SECOND_TUNNEL_KEY]  # the new key in, the old one revoked
+
+
+ROUTINE_CHANGES: dict[str, Callable[[dict[str, Any]], None]] = {
+    "add-tunnel-route": _add_tunnel_route,
+    "add-forward-route": _add_forward_route,
+    "remove-route": _remove_route,
+    "max-connections": lambda h: h["routes"][0].update(max_connections=250),
+    "idle-timeout": lambda h: h["routes"][0].update(idle_timeout_min=45),
+    "route-probe": lambda h: h["routes"][0].update(probe={"interval_s": 3, "timeout_s": 1.5}),
+    "lb-probe": lambda h: h.setdefault("proxies", {}).update(probe_interval_s=10, probe_threshold=3),
+    "add-tunnel-key": lambda h: h["onprem"]["tunnel_public_keys"].append(SECOND_TUNNEL_KEY),
+    "rotate-tunnel-key": _rotate_tunnel_key,
+    "source-cidrs": lambda h: h["onprem"]["source_cidrs"].append("198.51.100.0/24"),
+    "more-proxies": lambda h: h.setdefault("proxies", {}).update(count=4),
+}
+"""Routine changes of a hub: every one reaches the running proxies through the document."""
+
+MACHINE_CHANGES: dict[str, Callable[[dict[str, Any]], None]] = {
+    "admin-key": lambda h: h.setdefault("proxies", {}).update(admin_ssh_public_keys=[SECOND_TUNNEL_KEY]),
+    "tunnel-user": lambda h: h["onprem"].update(tunnel_user="tunnel2"),
+    "health-port": lambda h: h.setdefault("proxies", {}).update(health_port=8099),
+}
+"""Changes of the machine's bootstrap: the proxies are replaced (and the synth report says so)."""

@@ -210,6 +210,8 @@ def _add_aws_hub(stack: HubStack, hub: S.Hub) -> None:
             "or the NAT gateways'.")),
         "host_public_key": (aws.host_public_key, "The hub's SSH host public key (every proxy presents it)."),
         "asg_name": (aws.asg_name, "The proxies' Auto Scaling group."),
+        "config_version": (aws.config_version, (
+            "Version of the hub configuration document the proxies apply live (GET / on a proxy's health port).")),
     }
     for name, (value, description) in outputs.items():
         TerraformOutput(stack, name, value=value, description=description)

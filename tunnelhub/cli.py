@@ -124,15 +124,32 @@ def ports(spec: Path | None, as_json: bool) -> None:
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="Worker processes for hubs that need synthesis (default: $TUNNELHUB_SYNTH_JOBS, else the CPU count).")
 @click.option("--no-reuse", is_flag=True, help="Synthesize every stack even when its inputs did not change.")
-def synth(spec: Path | None, hubs: tuple[str, ...], out: Path, jobs: int | None, no_reuse: bool) -> None:
-    """Synthesize the hub stacks (Terraform JSON) into OUT."""
+@click.option("--json", "as_json", is_flag=True, help="Print the stacks and their changes as JSON.")
+def synth(spec: Path | None, hubs: tuple[str, ...], out: Path, jobs: int | None, no_reuse: bool,
+          as_json: bool) -> None:
+    """Synthesize the hub stacks (Terraform JSON) into OUT.
+
+    Then, per stack, what changed since the previous output in OUT: the live configuration (the
+    document the proxies apply in place: routes and keys added, removed, changed) and whether any
+    proxy would be replaced or restarted (and why).
+    """
+    from tunnelhub.changes import read_stacks, stack_reports
     from tunnelhub.synth import SynthError, synthesize
 
     loaded = load(spec)
+    previous = read_stacks(out)
     try:
         results = synthesize(loaded, out, hubs=list(hubs) or None, progress=progress, jobs=jobs, reuse=not no_reuse)
     except (S.SpecError, SynthError) as exc:
         raise click.ClickException(str(exc)) from None
+    reports = stack_reports(previous, read_stacks(out), names=[r.name for r in results])
+    if as_json:
+        by_name = {r.stack: r.as_dict() for r in reports}
+        click.echo(json.dumps({"stacks": [
+            {"stack": r.name, "resources": r.resources, "reused": r.reused, "seconds": round(r.seconds, 2),
+             "directory": str(r.directory), "changes": by_name.get(r.name)} for r in results],
+            "manifest": str(Path(out).resolve() / "manifest.json")}, indent=2))
+        return
     print_table(
         [
             {"stack": r.name, "resources": r.resources,
@@ -142,6 +159,11 @@ def synth(spec: Path | None, hubs: tuple[str, ...], out: Path, jobs: int | None,
         ["stack", "resources", "seconds", "directory"],
     )
     click.echo(f"manifest: {Path(out).resolve() / 'manifest.json'}")
+    if reports:
+        click.echo(f"changes since the previous output in {out}:")
+        for report in reports:
+            for line in report.lines():
+                click.echo(f"  {line}")
 
 
 @main.command("render-userdata")
@@ -186,6 +208,35 @@ def render_userdata(spec: Path | None, hub_name: str, slot: int | None, out: Pat
     )
     for obj in user_data.s3_objects:
         progress(f"  {obj.path} does not fit: upload it to the hub files bucket as {obj.key} ({len(obj.content)} bytes)")
+    if out is not None:
+        progress(f"wrote {out}")
+
+
+@main.command("render-config")
+@spec_argument
+@click.option("--hub", "hub_name", metavar="NAME", help="The hub (default: the spec's only hub).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Write the document here instead of stdout.")
+def render_config(spec: Path | None, hub_name: str | None, out: Path | None) -> None:
+    """Print a hub's configuration document (what the proxies apply live); version and size to stderr.
+
+    On a proxy, `tunnelhub_reconcile.py --check FILE` says whether it would accept it and what it changes.
+    """
+    from tunnelhub.userdata import UserDataError, render_document
+
+    hub = pick_hub(load(spec), hub_name)
+    try:
+        document = render_document(hub)
+        channel = (f"Azure user_data {len(document.azure_user_data())} bytes base64" if hub.cloud == "azure"
+                   else "AWS S3 object config/hub-config.json")
+    except UserDataError as exc:
+        raise click.ClickException(str(exc)) from None
+    if out is not None:
+        out.write_text(document.text, encoding="utf-8")
+    else:
+        click.echo(document.text, nl=False)
+    progress(f"hub {hub.name}: configuration document {document.version}, {len(document.text.encode())} bytes "
+             f"({channel}); {len(hub.routes)} route(s), {len(hub.onprem.tunnel_public_keys)} tunnel key(s)")
     if out is not None:
         progress(f"wrote {out}")
 

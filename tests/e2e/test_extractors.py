@@ -23,7 +23,7 @@ from nslab.cloudinit import (
     match_user,
     rewrite_paths,
 )
-from nslab.generated import tunnel_keys_file
+from nslab.generated import document_paths, tunnel_keys_path
 from nslab.hub import HUB_NAME, TUNNEL_USER, hub_spec_data
 from nslab.proc import LabError
 from nslab.unit import (
@@ -64,25 +64,25 @@ def test_rendered_cloud_init_extracts_every_file_with_mode_and_content(tmp_path,
     vm = extract_cloud_init(user_data, tmp_path / "root")  # gzip, as it ships
     assert sorted(vm.files) == [
         "/etc/haproxy/haproxy.cfg",
-        "/etc/ssh/authorized_keys.d/thtunnel",
         "/etc/ssh/sshd_config.d/10-tunnelhub.conf",
         "/etc/sysctl.d/60-tunnelhub.conf",
         "/etc/systemd/system/haproxy.service.d/10-tunnelhub.conf",
         "/etc/systemd/system/tunnelhub-health.service",
+        "/etc/systemd/system/tunnelhub-reconcile.service",
         "/etc/tunnelhub/boot.json",
-        "/etc/tunnelhub/health.json",
+        "/etc/tunnelhub/reconcile.json",
         "/home/tunnelhub/.ssh/authorized_keys",  # the admin's (cloud-init users[])
         "/usr/local/lib/tunnelhub/tunnelhub_boot.py",
         "/usr/local/lib/tunnelhub/tunnelhub_fetch_host_key.py",
         "/usr/local/lib/tunnelhub/tunnelhub_health.py",
+        "/usr/local/lib/tunnelhub/tunnelhub_reconcile.py",
     ]
-    keys = vm.file("/etc/ssh/authorized_keys.d/thtunnel")
-    assert keys.host_path == tmp_path / "root/etc/ssh/authorized_keys.d/thtunnel"
-    assert keys.host_path.stat().st_mode & 0o777 == 0o644
-    assert 'restrict,port-forwarding,permitlisten="localhost:13306"' in keys.text
-    assert 'from="192.168.10.0/24" ' + KEY in keys.text
-    health = json.loads(vm.file("/etc/tunnelhub/health.json").text)
-    assert health["routes"][0]["port"] == 13306 and health["port"] == 8081
+    # The routes, the health routes and the tunnel keys are the document's (the reconciler writes them).
+    assert document_paths(vm) == {p: str(tmp_path / "root" / p.lstrip("/"))
+                                  for p in ("/etc/haproxy/tunnelhub-routes.cfg", "/etc/tunnelhub/health.json",
+                                            "/etc/ssh/authorized_keys.d/thtunnel",
+                                            "/etc/ssh/tunnelhub/tunnel-forwarding.conf",
+                                            "/var/lib/tunnelhub/applied-config.json", "/run/tunnelhub/reconcile.json")}
     assert "net.ipv4.tcp_retries2 = 5" in vm.file("/etc/sysctl.d/60-tunnelhub.conf").text
     assert vm.file("/usr/local/lib/tunnelhub/tunnelhub_health.py").host_path.stat().st_mode \
         & 0o777 == 0o755
@@ -91,8 +91,14 @@ def test_rendered_cloud_init_extracts_every_file_with_mode_and_content(tmp_path,
 
 def test_the_tunnel_keys_file_is_the_one_the_match_block_names_not_the_admins(tmp_path, user_data):
     vm = extract_cloud_init(user_data, tmp_path / "root")
-    assert len(vm.matching(r"authorized_keys")) == 2  # why a file-name pattern cannot pick it
-    assert tunnel_keys_file(vm).vm_path == "/etc/ssh/authorized_keys.d/thtunnel"
+    with pytest.raises(LabError, match="was not written"):  # the reconciler writes it, from the document
+        tunnel_keys_path(vm)
+    written = tmp_path / "root/etc/ssh/authorized_keys.d/thtunnel"
+    written.parent.mkdir(parents=True)
+    written.write_text(KEY + "\n")
+    (tmp_path / "root/etc/ssh/tunnelhub").mkdir()
+    assert tunnel_keys_path(vm) == written
+    assert vm.matching(r"authorized_keys") and all("thtunnel" not in f.vm_path for f in vm.matching("authorized_keys"))
 
 
 def test_rendered_cloud_init_embeds_the_health_daemon_unchanged(user_data):
@@ -143,8 +149,10 @@ def test_rewrite_paths_touches_whole_paths_and_runtime_dirs_only(tmp_path, user_
     cfg = vm.rewrite_paths(vm.file("/etc/haproxy/haproxy.cfg").text)
     assert f"stats socket {tmp_path}/root/run/haproxy/admin.sock" in cfg
     assert "chroot /var/lib/haproxy" in cfg  # not a runtime path, not an extracted file
-    dropin = vm.rewrite_paths(vm.file("/etc/ssh/sshd_config.d/10-tunnelhub.conf").text)
+    dropin = vm.rewrite_paths(vm.file("/etc/ssh/sshd_config.d/10-tunnelhub.conf").text,
+                              extra=document_paths(vm))
     assert f"AuthorizedKeysFile {tmp_path}/root/etc/ssh/authorized_keys.d/thtunnel" in dropin
+    assert f"Include {tmp_path}/root/etc/ssh/tunnelhub/tunnel-forwarding.conf" in dropin
     assert "ForceCommand /usr/sbin/nologin" in dropin
     mapping = {"/etc/a": "/lab/a", "/run/": "/lab/run/"}
     assert rewrite_paths("-i/etc/a x=/etc/a '/etc/a' /etc/ab /x/etc/a", mapping) == \

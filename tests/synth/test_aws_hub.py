@@ -438,7 +438,8 @@ def test_no_private_key_material_in_the_stacks_or_the_user_data(example, variant
         lt = one(stack, "aws_launch_template", "launch-template")
         decoded = user_data_text(lt)
         assert decoded.startswith("#cloud-config")
-        objects = [base64.b64decode(o["content_base64"]).decode() for o in resources(stack, "aws_s3_object").values()]
+        objects = [o["content"] if "content" in o else base64.b64decode(o["content_base64"]).decode()
+                   for o in resources(stack, "aws_s3_object").values()]
         for text in (texts[name], decoded, *objects):
             # A key is a marker followed by its base64 body (the fetch script names the marker it expects).
             assert not KEY_BLOCK.search(text)
@@ -448,8 +449,13 @@ def test_no_private_key_material_in_the_stacks_or_the_user_data(example, variant
     assert "/tunnelhub/use/ssh-host-ed25519-key" in gzip.decompress(render_cloud_init(hub, None).payload).decode()
 
 
-def test_files_bucket_holds_the_renderers_objects_for_the_proxies(stacks, hubs):
-    from tunnelhub.userdata import render_cloud_init
+def test_files_bucket_holds_the_renderers_objects_and_the_document_for_the_proxies(stacks, hubs):
+    """The document is one object at a fixed key, with the document's JSON as its content (in
+    clear in the plan); aws_s3_object's content is not ForceNew and a change re-uploads it
+    (terraform-provider-aws internal/service/s3/object.go: ``content`` Optional, no ForceNew;
+    resourceObjectUpdate calls resourceObjectUpload when the content changed), so a routine change
+    is an in-place update of this one resource."""
+    from tunnelhub.userdata import AWS_DOCUMENT_KEY, render_cloud_init, render_document
 
     stack, hub = stacks["use"], hubs["use"]
     rendered = render_cloud_init(hub, None)
@@ -457,16 +463,21 @@ def test_files_bucket_holds_the_renderers_objects_for_the_proxies(stacks, hubs):
     bucket = one(stack, "aws_s3_bucket", "files/bucket")
     assert bucket["bucket"] == f"tunnelhub-use-{account(stack)}-us-east-1"
     objects = {o["key"]: o for o in resources(stack, "aws_s3_object").values()}
-    assert set(objects) == {o.key for o in rendered.s3_objects}
+    assert set(objects) == {o.key for o in rendered.s3_objects} | {AWS_DOCUMENT_KEY}
+    document = objects[AWS_DOCUMENT_KEY]
+    assert document["content"] == render_document(hub).text and document["content_type"] == "application/json"
+    assert "lifecycle" not in document  # fixed key: updated in place, never replaced
+    assert json.loads(document["content"])["version"] == stack["output"]["config_version"]["value"]
     for o in rendered.s3_objects:
         body = base64.b64decode(objects[o.key]["content_base64"])
         assert body == o.content and hashlib.sha256(body).hexdigest() == o.sha256
     block = one(stack, "aws_s3_bucket_public_access_block", "files/public-access-block")
     assert all(block[k] is True for k in ("block_public_acls", "block_public_policy", "ignore_public_acls",
                                           "restrict_public_buckets"))
-    read = [s for s in policy(stack, "proxy-policy") if s["sid"] == "ReadBootFiles"]
-    assert read == [{"sid": "ReadBootFiles", "effect": "Allow", "actions": ["s3:GetObject"],
-                     "resources": [ref(stack, "aws_s3_bucket", "files/bucket", "arn") + "/proxy/*"]}]
+    read = [s for s in policy(stack, "proxy-policy") if s["sid"] == "ReadBootFilesAndHubConfig"]
+    arn = ref(stack, "aws_s3_bucket", "files/bucket", "arn")
+    assert read == [{"sid": "ReadBootFilesAndHubConfig", "effect": "Allow", "actions": ["s3:GetObject"],
+                     "resources": [arn + "/proxy/*", arn + "/" + AWS_DOCUMENT_KEY]}]
     group = one(stack, "aws_autoscaling_group", "asg")
     for path in resources(stack, "aws_s3_object"):
         assert logical(ref(stack, "aws_s3_object", path, "id")) in group["depends_on"]
@@ -554,9 +565,13 @@ def test_security_groups_admit_only_what_each_side_needs(stacks, hubs):
         expected = {(22, 22, str(c)) for c in hub.onprem.source_cidrs}
         expected |= {(r.port, r.port, nlb_sg) for r in hub.routes}
         expected |= {(hub.proxies.health_port, hub.proxies.health_port, nlb_sg)}
+        # the rollout gate: each proxy asks its canary peer's health endpoint
+        expected |= {(hub.proxies.health_port, hub.proxies.health_port, proxy_sg)}
         assert ingress == expected
-        egress = {(r["from_port"], r["cidr_ipv4"]) for r in _rules(stack, "aws_vpc_security_group_egress_rule", "proxy-sg")}
-        assert egress == {(p, "0.0.0.0/0") for p in {80, 443, *(r.target_port for r in hub.forward_routes)}}
+        egress = {(r["from_port"], r.get("cidr_ipv4") or r["referenced_security_group_id"])
+                  for r in _rules(stack, "aws_vpc_security_group_egress_rule", "proxy-sg")}
+        assert egress == {(p, "0.0.0.0/0") for p in {80, 443, *(r.target_port for r in hub.forward_routes)}} | {
+            (hub.proxies.health_port, proxy_sg)}
         classic = hub.databricks.classic.cidrs if hub.databricks and hub.databricks.classic else []
         nlb_in = {(r["from_port"], r["cidr_ipv4"]) for r in _rules(stack, "aws_vpc_security_group_ingress_rule", "nlb-sg")}
         assert nlb_in == {(r.port, str(c)) for r in hub.routes for c in classic}
@@ -642,7 +657,8 @@ def test_stack_outputs(stacks, hubs):
         out = {k: v["value"] for k, v in stack["output"].items()}
         databricks = {"ncc_id", "private_endpoint_rule_id"} if hub.databricks and hub.databricks.serverless_enabled else set()
         assert set(out) == {"endpoint_service_name", "nlb_dns_name", "slot_public_ips", "slot_private_ips",
-                            "tunnel_endpoints", "host_public_key", "asg_name", "egress_public_ips", "port_plan"} | databricks
+                            "tunnel_endpoints", "host_public_key", "asg_name", "egress_public_ips", "port_plan",
+                            "config_version"} | databricks
         assert out["endpoint_service_name"] == ref(stack, "aws_vpc_endpoint_service", "endpoint-service", "service_name")
         assert out["nlb_dns_name"] == ref(stack, "aws_lb", "nlb/lb", "dns_name")
         assert out["slot_public_ips"] == [ref(stack, "aws_eip", f"slots/eip{n}", "public_ip")

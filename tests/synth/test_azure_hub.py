@@ -25,7 +25,7 @@ pytestmark = pytest.mark.synth
 
 STACK = "weu-azure"
 OUTPUTS = {"lb_frontend_ip", "pls_id", "pls_alias", "proxy_private_ips", "tunnel_endpoints", "nat_public_ip",
-           "host_public_key", "port_plan", "ncc_id", "private_endpoint_rule_id"}
+           "host_public_key", "port_plan", "ncc_id", "private_endpoint_rule_id", "config_version"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +180,8 @@ def test_nsg_allows_exactly_ssh_routes_and_health_then_denies_everything(weu):
         "allow-ssh-from-onprem": (100, "Allow", "Tcp", ("192.168.10.0/24",), ("22",), "10.60.0.0/26"),
         "allow-routes": (110, "Allow", "Tcp", ("10.139.0.0/16", "10.60.0.64/26"), ("3306", "5432"), "10.60.0.0/26"),
         "allow-health-probe": (120, "Allow", "Tcp", ("AzureLoadBalancer",), ("8080",), "10.60.0.0/26"),
+        # the rollout gate: a proxy's reconciler asks its canary peer (docs/live-config.md)
+        "allow-health-from-proxies": (125, "Allow", "Tcp", ("10.60.0.0/26",), ("8080",), "10.60.0.0/26"),
         "deny-all-inbound": (4096, "Deny", "*", ("*",), ("*",), "*"),
     }
     # The deny rule sits below every allow rule and above Azure's AllowVnetInBound (65000).
@@ -221,7 +223,7 @@ def test_nat_gateway_with_a_static_ip_on_the_proxy_subnet(weu):
 
 
 def test_proxy_vms_static_ips_zones_image_and_hardening(weu, hub):
-    from tunnelhub.userdata import render_cloud_init
+    from tunnelhub.userdata import render_cloud_init, render_document
 
     vms = of_type(weu, "azurerm_linux_virtual_machine")
     assert len(vms) == 2
@@ -248,6 +250,10 @@ def test_proxy_vms_static_ips_zones_image_and_hardening(weu, hub):
         assert vm["boot_diagnostics"] == {}  # managed boot diagnostics storage
         assert vm["identity"] == {"type": "SystemAssigned"}
         assert vm["custom_data"] == render_cloud_init(hub, slot).base64
+        # The hub configuration document: user_data (updatable in place), its version as a tag.
+        document = render_document(hub)
+        assert base64.b64decode(vm["user_data"]) == document.text.encode()
+        assert vm["tags"]["tunnelhub-config-version"] == document.version == weu["output"]["config_version"]["value"]
         _, assoc = by_path(weu, "azurerm_network_interface_backend_address_pool_association", f"/slot{slot}/pool_association")
         assert assoc["network_interface_id"] == ref("azurerm_network_interface", nic_name, "id")
         assert assoc["backend_address_pool_id"] == ref("azurerm_lb_backend_address_pool", pool_name, "id")
@@ -500,8 +506,10 @@ def test_a_new_route_adds_one_probe_and_one_rule_and_opens_its_port(synth_spec, 
     routes_rule = next(f"azurerm_network_security_rule.{n}" for n, r in of_type(weu, "azurerm_network_security_rule").items()
                        if r["name"] == "allow-routes")
     assert changed.pop(routes_rule) == {"destination_port_ranges"}
-    # The proxies get the new route through their cloud-init and nothing else.
-    assert all(k.startswith("azurerm_linux_virtual_machine.") and fields == {"custom_data"} for k, fields in changed.items())
+    # The proxies get the new route through the hub configuration document (user_data, applied
+    # live) and its version tag, both updated in place; custom_data (ForceNew) does not change.
+    assert all(k.startswith("azurerm_linux_virtual_machine.") and fields == {"user_data", "tags"}
+               for k, fields in changed.items())
     new_rule = addresses(after)[next(a for a in added if a.startswith("azurerm_lb_rule."))]
     assert (new_rule["frontend_port"], new_rule["backend_port"]) == (1433, 1433)
 
@@ -514,7 +522,9 @@ def test_a_third_proxy_adds_its_vm_nic_pool_association_and_role_assignment_only
         "azurerm_linux_virtual_machine", "azurerm_network_interface",
         "azurerm_network_interface_backend_address_pool_association", "azurerm_role_assignment"])
     assert all("_slot2_" in a for a in added)
-    assert changed == {}, "adding a proxy must not touch the existing ones (custom_data replaces a VM)"
+    # The existing proxies learn their new peer through the document (in place); their bootstrap stays.
+    assert all(k.startswith("azurerm_linux_virtual_machine.") and fields == {"user_data", "tags"}
+               for k, fields in changed.items()), changed
     vm = addresses(after)[next(a for a in added if a.startswith("azurerm_linux_virtual_machine."))]
     assert vm["zone"] == "3"
     assert after["output"]["proxy_private_ips"]["value"] == ["10.60.0.5", "10.60.0.6", "10.60.0.7"]

@@ -1,7 +1,8 @@
 """The generated sshd drop-in and tunnel keys, with real OpenSSH.
 
 ``sshd -t`` / ``sshd -T`` on Debian's own sshd_config with the drop-in in its include directory
-(the proxy's layout: the drop-in is read first and its values win), then a throwaway sshd on a
+(the proxy's layout: the drop-in is read first and its values win; its ``Match`` block includes
+the tunnel user's forwarding rules from the hub configuration document), then a throwaway sshd on a
 loopback port with a real tunnel user (``udtunnel``, created and removed here) and real ``ssh``
 clients: the allowed ``-R localhost:P:...`` carries traffic; another port, ``-R 127.0.0.1:P``, a
 command, a PTY, a ``-L`` and a connection from outside ``onprem.source_cidrs`` are refused.
@@ -25,6 +26,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import aws_hub, load_hubs
+from tunnelhub.userdata import document as D
+from tunnelhub.userdata import layout as L
 from tunnelhub.userdata import render as R
 
 SSHD = "/usr/sbin/sshd"
@@ -54,13 +57,14 @@ class SshdSetup:
     config: Path
     dropin: Path
     authorized_keys: Path
+    forwarding: Path
     client_key: Path
     client_public: str
     tunnel_ports: list[int]
 
     def write_keys(self, source_cidrs: list[str]) -> None:
         hub = render_hub(self.tunnel_ports, self.client_public, source_cidrs)
-        self.authorized_keys.write_text(R.tunnel_authorized_keys(hub))
+        self.authorized_keys.write_text(D.tunnel_authorized_keys(hub))
 
 
 @pytest.fixture
@@ -93,10 +97,13 @@ def setup(tunnel_user):
         hub = render_hub(tunnel_ports, client_public, ["127.0.0.0/8"])
         (workdir / "sshd_config.d").mkdir()
         authorized_keys = workdir / "authorized_keys"
+        forwarding = workdir / "tunnel-forwarding.conf"  # outside sshd_config.d, as on the proxy
         dropin = workdir / "sshd_config.d" / "10-tunnelhub.conf"
-        dropin.write_text(R.sshd_dropin(hub).replace(R.tunnel_authorized_keys_path(hub), str(authorized_keys)))
-        authorized_keys.write_text(R.tunnel_authorized_keys(hub))
+        dropin.write_text(R.sshd_dropin(hub).replace(R.tunnel_authorized_keys_path(hub), str(authorized_keys))
+                          .replace(L.SSHD_TUNNEL_FORWARDING_PATH, str(forwarding)))
+        authorized_keys.write_text(D.tunnel_authorized_keys(hub))
         authorized_keys.chmod(0o644)
+        forwarding.write_text(D.sshd_tunnel_forwarding(hub))
         # Debian's own sshd_config, its include pointed at our directory (as on the proxy).
         main = DEBIAN_SSHD_CONFIG.read_text() if DEBIAN_SSHD_CONFIG.exists() else (
             "Include /etc/ssh/sshd_config.d/*.conf\nUsePAM yes\nX11Forwarding yes\n")
@@ -105,8 +112,8 @@ def setup(tunnel_user):
         config = workdir / "sshd_config"
         config.write_text(main + f"\nHostKey {workdir / 'host_key'}\nPidFile {workdir / 'sshd.pid'}\n")
         Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
-        yield SshdSetup(workdir, config, dropin, authorized_keys, workdir / "client_key", client_public,
-                        tunnel_ports)
+        yield SshdSetup(workdir, config, dropin, authorized_keys, forwarding, workdir / "client_key",
+                        client_public, tunnel_ports)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -149,6 +156,27 @@ def test_effective_settings_for_the_tunnel_user(setup):
         assert got[key] == "no", key
     assert got["allowstreamlocalforwarding"] == "no"
     assert (got["clientaliveinterval"], got["clientalivecountmax"]) == ("10", "3")
+
+
+def test_the_included_forwarding_rules_win_inside_the_match_block(setup):
+    """The live part (the document's forwarding rules) is included at the top of the Match block,
+    so its values win over the block's own fallbacks; rewriting it changes what the tunnel user
+    may listen on (sshd reads it again on reload)."""
+    assert "    Include " + str(setup.forwarding) in setup.dropin.read_text()
+    assert "    AllowTcpForwarding no\n    PermitListen none\n" in setup.dropin.read_text()  # the fallbacks
+    setup.forwarding.write_text("AllowTcpForwarding remote\nPermitListen localhost:40001\n")
+    got = effective(setup.config, TUNNEL_USER)
+    assert (got["allowtcpforwarding"], got["permitlisten"]) == ("remote", "localhost:40001")
+
+
+def test_without_the_forwarding_rules_the_tunnel_user_forwards_nothing(setup):
+    """Fail closed: before the reconciler's first apply the included file does not exist, and sshd
+    starts with the block's fallbacks (no forwarding at all), not with sshd's defaults."""
+    setup.forwarding.unlink()
+    done = subprocess.run([SSHD, "-t", "-f", str(setup.config)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    got = effective(setup.config, TUNNEL_USER)
+    assert (got["allowtcpforwarding"], got["permitlisten"], got["permitopen"]) == ("no", "none", "none")
 
 
 def test_effective_settings_for_the_admin_win_over_debians_defaults(setup):

@@ -1,5 +1,6 @@
-"""The rendered proxy cloud-init: every example hub, checked part by part and by the real tools
-(cloud-init's schema, haproxy -c), sizes against the clouds' limits, and the renderer's errors."""
+"""The rendered proxy bootstrap cloud-init and the parts of the hub configuration document: every
+example hub, checked part by part and by the real tools (cloud-init's schema, haproxy -c on the
+static part plus the routes file), sizes against the clouds' limits, and the renderer's errors."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from tunnelhub.userdata import (
     host_key_parameter_name,
     render_cloud_init,
 )
+from tunnelhub.userdata import document as D
 from tunnelhub.userdata import render as R
 from tunnelhub.userdata.compact import CompactError, compact_python
 
@@ -147,19 +149,25 @@ def test_the_file_list():
     common = [
         "/etc/sysctl.d/60-tunnelhub.conf",
         "/etc/ssh/sshd_config.d/10-tunnelhub.conf",
-        "/etc/ssh/authorized_keys.d/tunnel",
         "/etc/haproxy/haproxy.cfg",
-        "/etc/tunnelhub/health.json",
         "/etc/tunnelhub/boot.json",
+        "/etc/tunnelhub/reconcile.json",
         "/etc/systemd/system/tunnelhub-health.service",
+        "/etc/systemd/system/tunnelhub-reconcile.service",
         "/etc/systemd/system/haproxy.service.d/10-tunnelhub.conf",
     ]
+    remote = ["/usr/local/lib/tunnelhub/tunnelhub_health.py", "/usr/local/lib/tunnelhub/tunnelhub_reconcile.py"]
     scripts = ["/usr/local/lib/tunnelhub/tunnelhub_boot.py", "/usr/local/lib/tunnelhub/tunnelhub_fetch_host_key.py"]
-    assert list(weu) == common + ["/usr/local/lib/tunnelhub/tunnelhub_health.py"] + scripts
+    assert list(weu) == common + remote + scripts
     use = render_cloud_init(load_spec(EXAMPLE).hub("use"), None)
     assert list(files_of(use)) == common + scripts + [
         "/usr/local/lib/tunnelhub/tunnelhub_aws_slot.py", "/usr/local/lib/tunnelhub/tunnelhub_fetch_files.py"]
-    assert [o.path for o in use.s3_objects] == ["/usr/local/lib/tunnelhub/tunnelhub_health.py"]
+    assert [o.path for o in use.s3_objects] == remote
+    # Nothing of a route or a tunnel key is in the bootstrap: those are the document's.
+    for ud in (render_cloud_init(load_spec(EXAMPLE).hub("weu"), 0), use):
+        for path in ("/etc/haproxy/tunnelhub-routes.cfg", "/etc/tunnelhub/health.json",
+                     "/etc/ssh/authorized_keys.d/tunnel", "/etc/ssh/tunnelhub/tunnel-forwarding.conf"):
+            assert path not in files_of(ud)
 
 
 @pytest.mark.parametrize(("hub", "slot", "ud"), EXAMPLES, ids=EXAMPLE_IDS)
@@ -173,17 +181,19 @@ def test_scripts_are_the_repository_files_executable(hub, slot, ud):
             compile(f.content, path, "exec")
 
 
-def test_aws_health_daemon_goes_to_the_bucket_pinned_by_sha256():
-    """AWS: the daemon does not fit in 16 KB with the rest; the user data pins the S3 copy."""
+def test_aws_health_daemon_and_reconciler_go_to_the_bucket_pinned_by_sha256():
+    """AWS: the two largest scripts do not fit in 16 KB with the rest; the user data pins the S3 copies."""
     ud = render_cloud_init(load_spec(EXAMPLE).hub("use"), None)
-    (obj,) = ud.s3_objects
-    daemon = (FILES / "tunnelhub_health.py").read_bytes()
-    assert obj.content == daemon and obj.sha256 == hashlib.sha256(daemon).hexdigest()
-    assert obj.key == f"proxy/{obj.sha256}/tunnelhub_health.py"
     boot = json.loads(files_of(ud)["/etc/tunnelhub/boot.json"].content)
-    assert boot["remote_files"] == [{"path": obj.path, "key": obj.key, "sha256": obj.sha256, "permissions": "0755"}]
+    assert [o.key.rsplit("/", 1)[1] for o in ud.s3_objects] == ["tunnelhub_health.py", "tunnelhub_reconcile.py"]
+    for obj in ud.s3_objects:
+        script = (FILES / obj.key.rsplit("/", 1)[1]).read_bytes()
+        assert obj.content == script and obj.sha256 == hashlib.sha256(script).hexdigest()
+        assert obj.key == f"proxy/{obj.sha256}/{obj.key.rsplit('/', 1)[1]}"
+        assert len(script) > 16384  # why: neither would fit, even alone
+    assert boot["remote_files"] == [{"path": o.path, "key": o.key, "sha256": o.sha256, "permissions": "0755"}
+                                    for o in ud.s3_objects]
     assert files_bucket_name("use", "123456789012", "us-east-1") == "tunnelhub-use-123456789012-us-east-1"
-    assert len(daemon) + len(ud.cloud_config) > 16384  # why: it would not fit (even the daemon alone)
 
 
 def test_azure_embeds_everything():
@@ -249,6 +259,11 @@ def test_boot_config(hub, slot, ud):
     boot = json.loads(files_of(ud)["/etc/tunnelhub/boot.json"].content)
     assert boot["slot"] == slot and boot["hub"] == hub.name and boot["cloud"] == hub.cloud
     assert boot["units"] == ["haproxy.service", "tunnelhub-health.service"]
+    assert boot["reconcile_unit"] == "tunnelhub-reconcile.service"
+    assert boot["reconciler"] == {"script": "/usr/local/lib/tunnelhub/tunnelhub_reconcile.py",
+                                  "config": "/etc/tunnelhub/reconcile.json", "timeout_s": 600}
+    assert boot["haproxy_check"] == ["/usr/sbin/haproxy", "-c", "-q", "-f", "/etc/haproxy/haproxy.cfg",
+                                     "-f", "/etc/haproxy/tunnelhub-routes.cfg"]
     assert boot["packages"] == ["haproxy"]
     if hub.cloud == "azure":
         assert boot["host_key"] == {"source": "azure-keyvault", "timeout_s": 900}
@@ -257,18 +272,19 @@ def test_boot_config(hub, slot, ud):
         assert boot["host_key"] == {"source": "aws-ssm", "parameter": "/tunnelhub/use/ssh-host-ed25519-key",
                                     "timeout_s": 900}
         assert host_key_parameter_name(hub) == "/tunnelhub/use/ssh-host-ed25519-key"
-        assert boot["slot_wait"] == {"count": 2, "tag": AWS_SLOT_TAG, "timeout_s": 600,
-                                     "require_public_ipv4": True, "private_ips": ["10.70.0.16", "10.70.0.80"]}
+        # The count and the slots' addresses come from the instance's tags: not in the launch template.
+        assert boot["slot_wait"] == {"count_tag": "tunnelhub:slot-count", "private_ips_tag": "tunnelhub:slot-private-ips",
+                                     "tag": AWS_SLOT_TAG, "timeout_s": 600, "require_public_ipv4": True}
 
 
-def test_aws_private_circuit_and_nat_egress_change_the_slot_wait():
-    hub = load_hubs(aws_hub(onprem={"source_cidrs": ["192.168.10.0/24"], "tunnel_public_keys": [TUNNEL_KEY],
-                                    "private_circuit": True},
-                            network={"cidr": "10.70.0.0/24", "egress": "nat_gateway"})).hubs[0]
+def test_aws_nat_egress_changes_the_slot_wait_and_the_count_does_not():
+    base = {"onprem": {"source_cidrs": ["192.168.10.0/24"], "tunnel_public_keys": [TUNNEL_KEY], "private_circuit": True},
+            "network": {"cidr": "10.70.0.0/24", "egress": "nat_gateway"}}
+    hub = load_hubs(aws_hub(**base)).hubs[0]
     boot = json.loads(files_of(render_cloud_init(hub, None))["/etc/tunnelhub/boot.json"].content)
     assert boot["slot_wait"]["require_public_ipv4"] is False
-    assert boot["slot_wait"]["private_ips"] == [str(ip) for ip in hub.aws_addresses().slot_private_ips]
-    assert boot["slot_wait"]["private_ips"] == ["10.70.0.16", "10.70.0.80"]
+    more = load_hubs(aws_hub(**base, proxies={"count": 4})).hubs[0]
+    assert render_cloud_init(more, None).payload == render_cloud_init(hub, None).payload
 
 
 # ---------------------------------------------------------------------------------- HAProxy
@@ -290,7 +306,9 @@ def _listen_blocks(cfg: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize(("hub", "slot", "ud"), EXAMPLES, ids=EXAMPLE_IDS)
 def test_one_haproxy_listener_per_route(hub, slot, ud):
-    cfg = files_of(ud)["/etc/haproxy/haproxy.cfg"].content
+    base = files_of(ud)["/etc/haproxy/haproxy.cfg"].content
+    assert "listen " not in base and "maxconn" not in base  # the routes file has both
+    cfg = base + D.haproxy_routes_config(hub)
     blocks = _listen_blocks(cfg)
     assert list(blocks) == [r.name for r in hub.routes]
     for r in hub.routes:
@@ -318,13 +336,22 @@ def test_route_limits_reach_haproxy_and_ip_targets_skip_dns():
         {"name": "v6", "kind": "forward", "port": 9443, "target": "[2606:4700::1111]:443"},
     ]
     hub = load_hubs(aws_hub(routes=routes)).hubs[0]
-    cfg = R.haproxy_config(hub)
+    cfg = D.haproxy_routes_config(hub)
     blocks = _listen_blocks(cfg)
     assert "maxconn 250" in blocks["pg"] and "timeout client 7m" in blocks["pg"]
     assert "server remote 52.1.2.3:443" in blocks["api"]
     assert "server remote ipv6@2606:4700::1111:443" in blocks["v6"]
     assert "resolvers dns" not in cfg
-    assert "    maxconn 2350\n" in cfg.split("defaults")[0]  # global: the routes' sum + 100
+    assert "\nglobal\n    maxconn 2350\n" in cfg  # the routes' sum + 100
+
+
+def test_old_workers_keep_their_connections_for_a_stated_bound():
+    """A reload (every routine change) must not cut connections after 30 s: the old worker keeps
+    them up to 7 days, and at most 50 reloads (docs/live-config.md, "HAProxy reloads")."""
+    base = R.haproxy_base_config(load_spec(EXAMPLE).hub("weu"))
+    assert "    hard-stop-after 7d\n" in base and "    mworker-max-reloads 50\n" in base
+    assert "hard-stop-after 30s" not in base
+    assert "stats socket /run/haproxy/admin.sock mode 660 level admin expose-fd listeners" in base
 
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
@@ -341,9 +368,11 @@ def test_haproxy_accepts_the_config(tmp_path, variant):
             {"name": f"db{i}", "kind": "tunnel", "port": 3000 + i, "target": f"db{i}.corp.example:3306",
              "max_connections": 100000} for i in range(16)])).hubs[0]]
     for hub in hubs:
-        path = tmp_path / f"{hub.name}.cfg"
-        path.write_text(R.haproxy_config(hub))
-        done = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True, timeout=60)
+        base, routes = tmp_path / f"{hub.name}.cfg", tmp_path / f"{hub.name}-routes.cfg"
+        base.write_text(R.haproxy_base_config(hub))
+        routes.write_text(D.haproxy_routes_config(hub))
+        done = subprocess.run(["haproxy", "-c", "-f", str(base), "-f", str(routes)], capture_output=True,
+                              text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "[WARNING]" not in done.stdout + done.stderr
 
@@ -351,17 +380,20 @@ def test_haproxy_accepts_the_config(tmp_path, variant):
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
 def test_haproxy_check_can_fail(tmp_path):
     """Negative control: haproxy -c rejects a broken listener."""
-    path = tmp_path / "bad.cfg"
-    path.write_text(R.haproxy_config(load_spec(EXAMPLE).hub("use")).replace("bind 0.0.0.0:3306", "bind 0.0.0.0:x"))
-    assert subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, timeout=60).returncode != 0
+    hub = load_spec(EXAMPLE).hub("use")
+    base, path = tmp_path / "base.cfg", tmp_path / "bad.cfg"
+    base.write_text(R.haproxy_base_config(hub))
+    path.write_text(D.haproxy_routes_config(hub).replace("bind 0.0.0.0:3306", "bind 0.0.0.0:x"))
+    assert subprocess.run(["haproxy", "-c", "-f", str(base), "-f", str(path)], capture_output=True,
+                          timeout=60).returncode != 0
 
 
 # ---------------------------------------------------------------------------------- health
 
 
-@pytest.mark.parametrize(("hub", "slot", "ud"), EXAMPLES, ids=EXAMPLE_IDS)
-def test_health_config_is_accepted_by_the_daemon(hub, slot, ud):
-    data = json.loads(files_of(ud)["/etc/tunnelhub/health.json"].content)
+@pytest.mark.parametrize("hub", load_spec(EXAMPLE).hubs, ids=lambda h: h.name)
+def test_health_config_is_accepted_by_the_daemon(hub):
+    data = D.render_document(hub).payload["health"]
     config = tunnelhub_health.parse_config(data)
     assert (config.listen_address, config.port) == ("0.0.0.0", hub.proxies.health_port)
     assert [r.name for r in config.routes] == [r.name for r in hub.routes]
@@ -386,7 +418,7 @@ def test_health_probe_options_follow_the_mode():
          "probe": {"server_name": "front.example.com"}},
         {"name": "raw", "kind": "forward", "port": 9000, "target": "raw.example.com:9000"},
     ]
-    data = R.health_config(load_hubs(aws_hub(routes=routes)).hubs[0])
+    data = D.health_config(load_hubs(aws_hub(routes=routes)).hubs[0])
     probes = {r["name"]: r["probe"] for r in data["routes"]}
     assert probes["my"] == {"mode": "mysql", "interval_s": 3.0, "timeout_s": 1.5, "check_user": "hc"}
     assert probes["web"] == {"mode": "tls", "interval_s": 2.0, "timeout_s": 2.0, "server_name": "web.corp.example"}
@@ -399,7 +431,8 @@ def test_health_probe_options_follow_the_mode():
 def test_health_unit(hub, slot, ud):
     unit = files_of(ud)["/etc/systemd/system/tunnelhub-health.service"].content
     assert ("ExecStart=/usr/bin/python3 /usr/local/lib/tunnelhub/tunnelhub_health.py "
-            "--config /etc/tunnelhub/health.json") in unit
+            "--config /etc/tunnelhub/health.json --status-file /run/tunnelhub/reconcile.json") in unit
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit.splitlines()  # the reconciler's reload
     for line in ("Restart=always", "DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict",
                  "BindsTo=haproxy.service", "After=network-online.target haproxy.service",
                  "StartLimitIntervalSec=0", "CapabilityBoundingSet=", "WantedBy=multi-user.target"):
@@ -452,18 +485,21 @@ def test_sshd_dropin_lines(hub, slot, ud):
         f"AllowUsers {hub.proxies.admin_username} {hub.onprem.tunnel_user}",
     } <= global_lines
     match_lines = [line.strip() for line in match.splitlines() if line.strip()]
-    ports = " ".join(f"localhost:{r.tunnel_port}" for r in hub.tunnel_routes)
     assert match_lines == [
-        f"AuthorizedKeysFile /etc/ssh/authorized_keys.d/{hub.onprem.tunnel_user}", "AllowTcpForwarding remote",
-        f"PermitListen {ports}", "PermitOpen none", "GatewayPorts no", "PermitTTY no",
+        "Include /etc/ssh/tunnelhub/tunnel-forwarding.conf",  # the document's part: its values come first
+        f"AuthorizedKeysFile /etc/ssh/authorized_keys.d/{hub.onprem.tunnel_user}", "AllowTcpForwarding no",
+        "PermitListen none", "PermitOpen none", "GatewayPorts no", "PermitTTY no",
         "ForceCommand /usr/sbin/nologin", "AllowAgentForwarding no", "AllowStreamLocalForwarding no",
         "X11Forwarding no", "PermitTunnel no", "PermitUserRC no",
     ]
+    ports = " ".join(f"localhost:{r.tunnel_port}" for r in hub.tunnel_routes)
+    forwarding = [ln for ln in D.sshd_tunnel_forwarding(hub).splitlines() if not ln.startswith("#")]
+    assert forwarding == ["AllowTcpForwarding remote", f"PermitListen {ports}"]
 
 
-@pytest.mark.parametrize(("hub", "slot", "ud"), EXAMPLES, ids=EXAMPLE_IDS)
-def test_authorized_keys_options(hub, slot, ud):
-    text = files_of(ud)[f"/etc/ssh/authorized_keys.d/{hub.onprem.tunnel_user}"].content
+@pytest.mark.parametrize("hub", load_spec(EXAMPLE).hubs, ids=lambda h: h.name)
+def test_authorized_keys_options(hub):
+    text = D.render_document(hub).payload["authorized_keys"]
     keys = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert len(keys) == len(hub.onprem.tunnel_public_keys)
     listen = ",".join(f'permitlisten="localhost:{r.tunnel_port}"' for r in hub.tunnel_routes)
@@ -478,12 +514,11 @@ def test_authorized_keys_without_tunnel_routes_or_keys():
         routes=[{"name": "api", "kind": "forward", "port": 443, "target": "api.example.com:443"}],
         onprem={"source_cidrs": ["203.0.113.0/28", "198.51.100.0/24"], "tunnel_public_keys": [TUNNEL_KEY]},
         proxies={"admin_ssh_public_keys": [ADMIN_KEY]})).hubs[0]
-    line = R.tunnel_authorized_keys(hub).splitlines()[-1]
+    line = D.tunnel_authorized_keys(hub).splitlines()[-1]
     assert line == f'restrict,command="/usr/sbin/nologin",from="203.0.113.0/28,198.51.100.0/24" {TUNNEL_KEY}'
-    dropin = R.sshd_dropin(hub)
-    assert "    AllowTcpForwarding no\n    PermitListen none\n" in dropin
+    assert D.sshd_tunnel_forwarding(hub).endswith("AllowTcpForwarding no\nPermitListen none\n")
     empty = load_hubs(azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"]})).hubs[0]
-    assert [ln for ln in R.tunnel_authorized_keys(empty).splitlines() if not ln.startswith("#")] == []
+    assert [ln for ln in D.tunnel_authorized_keys(empty).splitlines() if not ln.startswith("#")] == []
 
 
 def test_aws_key_pair_user_is_allowed_to_log_in():
@@ -553,7 +588,9 @@ def test_compaction_keeps_a_lone_docstring_body_valid():
 
 
 def test_a_large_aws_hub_still_fits(tmp_path):
-    """16 routes, 6 tunnel keys, 3 admin keys, 2 source ranges: still under AWS's 16 KB."""
+    """16 routes, 6 tunnel keys, 3 admin keys, 2 source ranges: still under AWS's 16 KB (the routes
+    and tunnel keys are not in it any more: only the admin keys weigh), and the document fits Azure's
+    user data too."""
     keys = []
     for i in range(6):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / f"k{i}")], check=True)
@@ -568,4 +605,47 @@ def test_a_large_aws_hub_still_fits(tmp_path):
     ud = render_cloud_init(hub, None)
     print(f"large aws hub: {len(ud.cloud_config.encode())} bytes plain, {ud.size_bytes} gzip, "
           f"compacted={ud.scripts_compacted}")
-    assert ud.size_bytes <= 16384 and len(files_of(ud)) == 12 and len(ud.s3_objects) == 1
+    assert ud.size_bytes <= 16384 and len(files_of(ud)) == 12 and len(ud.s3_objects) == 2
+    document = D.render_document(hub)
+    print(f"large aws hub: document {len(document.text)} bytes")
+    assert len(base64.b64encode(document.text.encode())) <= D.AZURE_USER_DATA_LIMIT_BYTES
+
+
+@pytest.mark.parametrize(("hub", "slot", "ud"), EXAMPLES, ids=EXAMPLE_IDS)
+def test_reconciler_unit_and_haproxy_dropin(hub, slot, ud):
+    files = files_of(ud)
+    unit = files["/etc/systemd/system/tunnelhub-reconcile.service"].content.splitlines()
+    assert ("ExecStart=/usr/bin/python3 /usr/local/lib/tunnelhub/tunnelhub_reconcile.py "
+            "--config /etc/tunnelhub/reconcile.json") in unit
+    for line in ("Restart=always", "StartLimitIntervalSec=0", "NoNewPrivileges=yes", "ProtectHome=yes",
+                 "RuntimeDirectory=tunnelhub", "RuntimeDirectoryPreserve=yes", "StateDirectory=tunnelhub",
+                 "WantedBy=multi-user.target"):
+        assert line in unit, line
+    dropin = files["/etc/systemd/system/haproxy.service.d/10-tunnelhub.conf"].content.splitlines()
+    both = "-f /etc/haproxy/haproxy.cfg -f /etc/haproxy/tunnelhub-routes.cfg"
+    assert dropin[dropin.index("ExecStart=") + 1] == (
+        f"ExecStart=/usr/sbin/haproxy -Ws {both} -p /run/haproxy.pid -S /run/haproxy-master.sock")
+    assert f"ExecReload=/usr/sbin/haproxy -Ws -c -q {both}" in dropin
+    assert "ExecReload=/bin/kill -USR2 $MAINPID" in dropin
+    config = json.loads(files["/etc/tunnelhub/reconcile.json"].content)
+    assert config["source"]["type"] == ("azure-imds" if hub.cloud == "azure" else "aws-s3")
+    assert config["commands"]["haproxy_reload"] == ["systemctl", "reload-or-restart", "haproxy.service"]
+    assert (config["slot"], config["slot_file"]) == ((slot, None) if hub.cloud == "azure" else (None, "/etc/tunnelhub/slot"))
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_reconciler_unit_passes_systemd_analyze(tmp_path):
+    ud = render_cloud_init(load_spec(EXAMPLE).hub("weu"), 0)
+    text = files_of(ud)["/etc/systemd/system/tunnelhub-reconcile.service"].content
+    unit = tmp_path / "tunnelhub-reconcile.service"
+    unit.write_text(text)
+
+    def problems(path: Path) -> list[str]:
+        done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(path)], capture_output=True, text=True,
+                              timeout=60)
+        return [ln for ln in (done.stdout + done.stderr).splitlines()
+                if "tunnelhub-reconcile.service" in ln and "tunnelhub_reconcile.py" not in ln]
+
+    assert problems(unit) == []
+    unit.write_text(text.replace("Restart=always", "Restart=sometimes"))  # negative control
+    assert problems(unit)

@@ -1,7 +1,8 @@
 """The first-boot driver (files/tunnelhub_boot.py) with the rendered boot.json, recording fakes of
-the system commands on PATH (sysctl, dpkg-query, apt-get, haproxy, systemctl) and stub helper
-scripts: the order of the steps, the non-blocking enable, the bounded install retries, and what
-each failure stops."""
+the system commands on PATH (sysctl, dpkg-query, apt-get, haproxy, systemctl), stub helper
+scripts (the reconciler among them) and, on AWS, a fake instance metadata service for the slot
+tags: the order of the steps, the non-blocking enable, the bounded install retries, and what each
+failure stops."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import aws_hub, load_hubs
+from tests.unit.test_userdata_fakes import FakeCloud
 from tunnelhub.spec import load_spec
 from tunnelhub.userdata import render as R
 
@@ -54,17 +56,23 @@ class Box:
         for name in ("sysctl", "dpkg-query", "apt-get", "haproxy", "systemctl"):
             (self.bin / name).write_text(FAKE_COMMAND)
             (self.bin / name).chmod(0o755)
-        for name in ("tunnelhub_aws_slot.py", "tunnelhub_fetch_files.py", "tunnelhub_fetch_host_key.py"):
+        for name in ("tunnelhub_aws_slot.py", "tunnelhub_fetch_files.py", "tunnelhub_fetch_host_key.py",
+                     "tunnelhub_reconcile.py"):
             (self.lib / name).write_text(STUB_SCRIPT)
         self.log = tmp_path / "log"
         self.policy = tmp_path / "policy-rc.d"
         self.config = tmp_path / "boot.json"
+        # The rendered absolute paths, pointed at the fakes (the only change to boot.json).
+        boot["reconciler"] = dict(boot["reconciler"], script=str(self.lib / "tunnelhub_reconcile.py"))
+        boot["haproxy_check"] = ["haproxy", *boot["haproxy_check"][1:]]
         self.config.write_text(json.dumps(boot))
 
     def set(self, name: str, value: str) -> None:
         (self.dir / name).write_text(value)
 
-    def run(self, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    def run(self, *extra: str, cloud: FakeCloud | None = None) -> tuple[subprocess.CompletedProcess, float]:
+        if cloud is not None:
+            extra = ("--imds-url", cloud.url, *extra)
         env = dict(os.environ, PATH=f"{self.bin}:/usr/bin:/bin", FAKE_LOG=str(self.log), FAKE_DIR=str(self.dir),
                    POLICY_RC_D=str(self.policy))
         started = time.monotonic()
@@ -93,6 +101,18 @@ APT_OPTIONS = ("-o DPkg::Lock::Timeout=300 -o Acquire::Retries=3 -o Acquire::htt
                "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold")
 
 
+ENABLE_ALL = ("systemctl enable --now --no-block haproxy.service tunnelhub-health.service "
+              "tunnelhub-reconcile.service")
+RECONCILE_BOOT = "tunnelhub_reconcile.py --config /etc/tunnelhub/reconcile.json --boot"
+HAPROXY_CHECK = "haproxy -c -q -f /etc/haproxy/haproxy.cfg -f /etc/haproxy/tunnelhub-routes.cfg"
+
+
+def slot_tags(cloud: FakeCloud, count: int = 2, addresses: str = "10.70.0.16,10.70.0.80") -> FakeCloud:
+    """The tags the Auto Scaling group propagates (aws_hub.py)."""
+    cloud.instance_tags.update({"tunnelhub:slot-count": str(count), "tunnelhub:slot-private-ips": addresses})
+    return cloud
+
+
 def test_azure_first_boot(tmp_path):
     box = Box(tmp_path, boot_json("weu", 0))
     done, _ = box.run()
@@ -100,50 +120,103 @@ def test_azure_first_boot(tmp_path):
     calls = box.calls()
     assert calls[0] == "sysctl -p /etc/sysctl.d/60-tunnelhub.conf"
     assert "tunnelhub_fetch_host_key.py --source azure-keyvault --timeout-s 900" in calls
-    ordered = [c for c in calls if not c.startswith(("tunnelhub_", "sysctl", "policy-rc.d"))]
+    ordered = [c for c in calls if not c.startswith(("tunnelhub_fetch", "sysctl", "policy-rc.d"))]
     assert ordered == [
         "dpkg-query -W -f=${Status} haproxy",
         f"apt-get {APT_OPTIONS} update",
         f"apt-get {APT_OPTIONS} install -y --no-install-recommends haproxy",
-        "haproxy -c -f /etc/haproxy/haproxy.cfg",
+        RECONCILE_BOOT,  # the first apply of the document, once HAProxy is there to check it
+        HAPROXY_CHECK,
         "systemctl daemon-reload",
-        "systemctl enable --now --no-block haproxy.service tunnelhub-health.service",
+        ENABLE_ALL,
     ]
     # maintainer scripts could not start services while the package went in; the policy is gone after
     assert calls.count("policy-rc.d present: exit 101") == 2
     assert not box.policy.exists()
-    assert "done: data plane and health endpoint started, hub host key installed" in done.stdout
+    assert "done: hub configuration applied, data plane, health endpoint and reconciler started" in done.stdout
+
+
+def test_without_a_document_only_the_reconciler_starts(tmp_path):
+    """No document at boot: HAProxy and the health endpoint are enabled, not started (HAProxy has no
+    routes file); the reconciler starts them once it has applied one (reload-or-restart)."""
+    box = Box(tmp_path, boot_json("weu", 0))
+    box.set("tunnelhub_reconcile.py.rc", "1")
+    done, _ = box.run()
+    assert done.returncode == 1 and "FAILED steps: hub configuration" in done.stdout
+    calls = box.foreground()
+    assert HAPROXY_CHECK not in calls
+    assert calls[-2:] == ["systemctl enable --now --no-block tunnelhub-reconcile.service",
+                          "systemctl enable haproxy.service tunnelhub-health.service"]
 
 
 def test_aws_first_boot_waits_for_the_slot_and_fetches_the_bucket_files(tmp_path):
     box = Box(tmp_path, boot_json("use", None))
-    done, _ = box.run()
+    with slot_tags(FakeCloud()) as cloud:
+        done, _ = box.run(cloud=cloud)
     assert done.returncode == 0, done.stdout + done.stderr
     calls = box.calls()
+    assert "2 slot(s), private addresses 10.70.0.16, 10.70.0.80 (instance tags)" in done.stdout
     slot = calls.index("tunnelhub_aws_slot.py --count 2 --tag tunnelhub:slot --timeout-s 600 --require-public-ipv4 "
                        "--private-ips 10.70.0.16,10.70.0.80")
     files = calls.index(f"tunnelhub_fetch_files.py --config {box.config}")
     key = calls.index("tunnelhub_fetch_host_key.py --source aws-ssm --timeout-s 900 "
                       "--parameter /tunnelhub/use/ssh-host-ed25519-key")
     apt = calls.index(f"apt-get {APT_OPTIONS} update")
-    assert slot < files < apt and slot < key  # no egress before the Elastic IP
-    assert box.foreground()[-1] == "systemctl enable --now --no-block haproxy.service tunnelhub-health.service"
+    reconcile = calls.index(RECONCILE_BOOT)
+    assert slot < files < apt < reconcile and slot < key  # no egress before the Elastic IP
+    assert box.foreground()[-1] == ENABLE_ALL
 
 
-def test_aws_private_circuit_passes_the_slot_addresses(tmp_path):
+def test_aws_slot_count_and_addresses_come_from_the_instance_tags(tmp_path):
+    """A new proxy count changes the group's tags, not the user data: the boot reads them."""
     hub = load_hubs(aws_hub(onprem={"source_cidrs": ["192.168.10.0/24"], "private_circuit": True},
                             network={"cidr": "10.70.0.0/24", "egress": "nat_gateway"})).hubs[0]
     box = Box(tmp_path, R.boot_config(hub, None))
-    done, _ = box.run()
-    assert done.returncode == 0
-    assert ("tunnelhub_aws_slot.py --count 2 --tag tunnelhub:slot --timeout-s 600 "
-            "--private-ips 10.70.0.16,10.70.0.80") in box.calls()
+    with slot_tags(FakeCloud(), 4, "10.70.0.16,10.70.0.80,10.70.0.17,10.70.0.81") as cloud:
+        done, _ = box.run(cloud=cloud)
+    assert done.returncode == 0, done.stdout
+    assert ("tunnelhub_aws_slot.py --count 4 --tag tunnelhub:slot --timeout-s 600 "
+            "--private-ips 10.70.0.16,10.70.0.80,10.70.0.17,10.70.0.81") in box.calls()
+
+
+@pytest.mark.parametrize(("tags", "message"), [
+    ({}, "no instance tags tunnelhub:slot-count and tunnelhub:slot-private-ips in instance metadata"),
+    ({"tunnelhub:slot-count": "two", "tunnelhub:slot-private-ips": "10.70.0.16"}, "is not a slot count"),
+    ({"tunnelhub:slot-count": "2", "tunnelhub:slot-private-ips": "10.70.0.16"}, "lists 1 addresses for 2 slots"),
+])
+def test_missing_or_bad_slot_tags_stop_the_boot(tmp_path, tags, message):
+    box = Box(tmp_path, boot_json("use", None))
+    with FakeCloud() as cloud:
+        cloud.instance_tags.update(tags)
+        # tags that never come: the minute's wait, on a clock running 30 times faster
+        done, _ = box.run(cloud=cloud) if tags else _run_with_short_tag_wait(box, cloud)
+    assert done.returncode == 1, done.stdout
+    assert message in done.stdout
+    assert [c.split()[0] for c in box.calls()] == ["sysctl"]  # nothing else ran
+
+
+def _run_with_short_tag_wait(box: Box, cloud: FakeCloud):
+    """The tag wait is bounded by a minute; patch it down for the test (same code path)."""
+    wrapper = box.dir / "boot_short.py"
+    wrapper.write_text(f"import runpy, sys, time\n"
+                       f"real = time.monotonic\nstart = real()\n"
+                       f"time.monotonic = lambda: start + (real() - start) * 30\n"
+                       f"sys.argv = [{str(SCRIPT)!r}] + sys.argv[1:]\n"
+                       f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n")
+    env = dict(os.environ, PATH=f"{box.bin}:/usr/bin:/bin", FAKE_LOG=str(box.log), FAKE_DIR=str(box.dir),
+               POLICY_RC_D=str(box.policy))
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(wrapper), "--config", str(box.config), "--lib-dir", str(box.lib),
+                           "--policy-rc-d", str(box.policy), "--first-retry-s", "0.5", "--imds-url", cloud.url],
+                          capture_output=True, text=True, timeout=120, env=env)
+    return done, time.monotonic() - started
 
 
 def test_no_slot_stops_the_boot(tmp_path):
     box = Box(tmp_path, boot_json("use", None))
     box.set("tunnelhub_aws_slot.py.rc", "1")
-    done, _ = box.run()
+    with slot_tags(FakeCloud()) as cloud:
+        done, _ = box.run(cloud=cloud)
     assert done.returncode == 1
     assert "this instance has no slot; stopping here" in done.stdout
     assert [c.split()[0] for c in box.calls()] == ["sysctl", "tunnelhub_aws_slot.py"]  # not even the host key
@@ -152,9 +225,10 @@ def test_no_slot_stops_the_boot(tmp_path):
 def test_missing_bucket_files_stop_the_boot(tmp_path):
     box = Box(tmp_path, boot_json("use", None))
     box.set("tunnelhub_fetch_files.py.rc", "1")
-    done, _ = box.run()
+    with slot_tags(FakeCloud()) as cloud:
+        done, _ = box.run(cloud=cloud)
     assert done.returncode == 1 and "the proxy files are missing" in done.stdout
-    assert not any(c.startswith(("apt-get", "systemctl")) for c in box.calls())
+    assert not any(c.startswith(("apt-get", "systemctl", "tunnelhub_reconcile")) for c in box.calls())
 
 
 def test_package_install_is_retried_until_egress_comes_up(tmp_path):
@@ -167,7 +241,7 @@ def test_package_install_is_retried_until_egress_comes_up(tmp_path):
     assert "installed haproxy (attempt 3)" in done.stdout
     assert "E: Could not connect to archive.ubuntu.com" in done.stdout  # apt's own words are logged
     assert elapsed >= 1.5
-    assert box.foreground()[-1] == "systemctl enable --now --no-block haproxy.service tunnelhub-health.service"
+    assert box.foreground()[-1] == ENABLE_ALL
 
 
 def test_package_install_gives_up_at_its_deadline(tmp_path):
@@ -177,7 +251,7 @@ def test_package_install_gives_up_at_its_deadline(tmp_path):
     assert done.returncode == 1
     assert "FAILED to install haproxy after" in done.stdout and "no working egress" in done.stdout
     assert elapsed < 20
-    assert not any(c.startswith(("haproxy", "systemctl")) for c in box.calls())
+    assert not any(c.startswith(("haproxy", "systemctl", "tunnelhub_reconcile")) for c in box.calls())
     assert not box.policy.exists()
     assert "FAILED steps: packages" in done.stdout
 
@@ -189,16 +263,17 @@ def test_a_preinstalled_haproxy_is_reloaded_with_the_new_config(tmp_path):
     assert done.returncode == 0
     calls = box.foreground()
     assert not any(c.startswith("apt-get") for c in calls)
-    assert calls[-2:] == ["systemctl enable --now --no-block haproxy.service tunnelhub-health.service",
-                          "systemctl reload-or-restart --no-block haproxy.service"]
+    assert calls[-2:] == [ENABLE_ALL, "systemctl reload-or-restart --no-block haproxy.service"]
 
 
-def test_a_bad_haproxy_config_starts_nothing(tmp_path):
+def test_a_bad_haproxy_config_starts_only_the_reconciler(tmp_path):
     box = Box(tmp_path, boot_json("weu", 0))
     box.set("haproxy-rc", "1")
     done, _ = box.run()
     assert done.returncode == 1 and "FAILED steps: haproxy config" in done.stdout
-    assert not any(c.startswith("systemctl") for c in box.calls())
+    starts = [c for c in box.calls() if c.startswith("systemctl enable")]
+    assert starts == ["systemctl enable --now --no-block tunnelhub-reconcile.service",
+                      "systemctl enable haproxy.service tunnelhub-health.service"]
 
 
 def test_a_host_key_failure_leaves_the_data_plane_running_and_is_reported(tmp_path):
@@ -206,7 +281,7 @@ def test_a_host_key_failure_leaves_the_data_plane_running_and_is_reported(tmp_pa
     box.set("tunnelhub_fetch_host_key.py.rc", "1")
     done, _ = box.run()
     assert done.returncode == 1 and "FAILED steps: host key" in done.stdout
-    assert "systemctl enable --now --no-block haproxy.service tunnelhub-health.service" in box.calls()
+    assert ENABLE_ALL in box.calls()
 
 
 @pytest.mark.parametrize("hub_name", ["weu", "use"])
@@ -215,5 +290,5 @@ def test_the_boot_script_never_blocks_on_a_unit(hub_name):
     cloud-init's own boot job can deadlock the boot)."""
     source = SCRIPT.read_text()
     for match in [line for line in source.splitlines() if '"systemctl"' in line]:
-        if '"enable"' in match or '"start"' in match or "restart" in match:
+        if '"--now"' in match or '"start"' in match or "restart" in match:
             assert '"--no-block"' in match, match

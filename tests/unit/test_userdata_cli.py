@@ -63,3 +63,20 @@ def test_a_bad_spec_exits_1_without_traceback(tmp_path):
     result = CliRunner().invoke(main, ["render-userdata", str(tmp_path / "missing.yaml"), "--hub", "weu"])
     assert result.exit_code == 1
     assert "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_render_config_prints_the_document_and_its_version(tmp_path):
+    import json
+
+    from tunnelhub.userdata import render_document
+
+    result = CliRunner().invoke(main, ["render-config", str(EXAMPLE), "--hub", "weu"])
+    assert result.exit_code == 0, result.output
+    document = render_document(load_spec(EXAMPLE).hub("weu"))
+    assert result.stdout == document.text and json.loads(result.stdout)["version"] == document.version
+    assert f"configuration document {document.version}" in result.stderr and "Azure user_data" in result.stderr
+    out = tmp_path / "doc.json"
+    assert CliRunner().invoke(main, ["render-config", str(EXAMPLE), "--hub", "use", "--out", str(out)]).exit_code == 0
+    assert json.loads(out.read_text())["hub"] == "use"
+    bad = CliRunner().invoke(main, ["render-config", str(EXAMPLE)])
+    assert bad.exit_code == 2 and "choose one with --hub" in bad.output

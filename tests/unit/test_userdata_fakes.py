@@ -2,7 +2,8 @@
 
 :class:`FakeCloud` is one loopback HTTP server playing the AWS instance metadata service (IMDSv2:
 token, identity document, instance profile credentials, instance tags, public IPv4, interface
-addresses), the Azure instance metadata service (tagsList, managed identity tokens) and an Azure
+addresses), the Azure instance metadata service (tagsList, the VM's user data, managed identity
+tokens) and an Azure
 Key Vault (secrets, bearer token checked). State is plain dicts the tests change while a script
 runs; every request is recorded. :func:`moto_aws` starts moto's real SSM/S3/IAM/STS server with
 signature checking on, for the signed requests.
@@ -40,6 +41,7 @@ class FakeCloud:
         self.imds_tokens: set[str] = set()
         # Azure
         self.azure_tags: list[dict[str, str]] = []
+        self.azure_user_data = ""  # base64 text, as IMDS serves compute/userData
         self.vault_token = "kv-token"
         self.secrets: dict[str, str] = {}
         self.vault_failures = 0  # answer 403 this many times first (RBAC still propagating)
@@ -131,6 +133,8 @@ class FakeCloud:
                     return self._send(400, json.dumps({"error": "Bad request: Metadata header or api-version"}))
                 if path == "/metadata/instance/compute/tagsList":
                     return self._send(200, json.dumps(cloud.azure_tags), "application/json")
+                if path == "/metadata/instance/compute/userData" and params.get("format") == "text":
+                    return self._send(200, cloud.azure_user_data)
                 if path == "/metadata/identity/oauth2/token":
                     cloud.token_resources.append(params.get("resource", ""))
                     if params.get("resource") != "https://vault.azure.net":

@@ -22,12 +22,15 @@ S3_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action"
 
 @pytest.fixture
 def rendered(tmp_path):
-    """The example AWS hub's user data, its boot.json pointed at a temporary root."""
+    """The example AWS hub's user data, its boot.json pointed at a temporary root, with its first
+    bucket file only (the health daemon; the reconciler is fetched the same way)."""
     user_data = render_cloud_init(load_spec(ROOT / "examples" / "hubs.yaml").hub("use"), None)
-    (obj,) = user_data.s3_objects
+    obj = user_data.s3_objects[0]
+    assert obj.path.endswith("/tunnelhub_health.py")
     boot = json.loads(next(f.content for f in extract_files(user_data.cloud_config)
                             if f.path == "/etc/tunnelhub/boot.json"))
     target = tmp_path / "root" / obj.path.lstrip("/")
+    boot["remote_files"] = boot["remote_files"][:1]
     boot["remote_files"][0]["path"] = str(target)
     config = tmp_path / "boot.json"
     config.write_text(json.dumps(boot))

@@ -1,4 +1,5 @@
-"""The rendered HAProxy config running for real (Debian's HAProxy 2.6) in a network namespace.
+"""The rendered HAProxy config (the static part and the document's routes file, two ``-f`` as the
+unit drop-in runs them) running for real (Debian's HAProxy 2.6) in a network namespace.
 
 The namespace (``udhap-*``) has its own loopback and, through ``/etc/netns/<ns>/resolv.conf``, its
 own resolver: a fake DNS server inside it answers the forward route's name, so the config's
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import aws_hub, load_hubs
+from tunnelhub.userdata import document as D
 from tunnelhub.userdata import render as R
 
 pytestmark = pytest.mark.skipif(
@@ -149,13 +151,14 @@ def lab(tmp_path):
         helper = ns.start([sys.executable, "-u", "-c", HELPER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           text=True)
         assert helper.stdout.readline().strip() == "ready"
-        config = tmp_path / "haproxy.cfg"
-        config.write_text(R.haproxy_config(hub()))
+        config, routes = tmp_path / "haproxy.cfg", tmp_path / "tunnelhub-routes.cfg"
+        config.write_text(R.haproxy_base_config(hub()))
+        routes.write_text(D.haproxy_routes_config(hub()))
         Path("/run/haproxy").mkdir(exist_ok=True)
         log = open(tmp_path / "haproxy.log", "w")  # noqa: SIM115 - closed below
         # A private /run/haproxy (the stats socket) so nothing on the host is touched.
         ns.start(["unshare", "--mount", "sh", "-c",
-                  f"mount -t tmpfs tmpfs /run/haproxy && exec haproxy -db -f {config}"],
+                  f"mount -t tmpfs tmpfs /run/haproxy && exec haproxy -db -f {config} -f {routes}"],
                  stdout=log, stderr=subprocess.STDOUT)
 
         def ask(command: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import aws_hub, load_hubs
-from tunnelhub.userdata import extract_files, render_cloud_init
+from tunnelhub.userdata import extract_files, render_cloud_init, render_document
 
 ROOT = Path(__file__).resolve().parents[2]
 DAEMON = ROOT / "tunnelhub" / "userdata" / "files" / "tunnelhub_health.py"
@@ -80,15 +80,17 @@ def daemon(tmp_path):
         ])).hubs[0]
     files = {f.path: f.content for f in extract_files(render_cloud_init(hub, None).cloud_config)}
     config = tmp_path / "health.json"
-    config.write_text(files["/etc/tunnelhub/health.json"])
+    document = render_document(hub)  # health.json as the reconciler writes it from the document
+    config.write_text(json.dumps(dict(document.payload["health"], config_version=document.version)))
     unit = files["/etc/systemd/system/tunnelhub-health.service"]
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
     args = shlex.split(exec_start.removeprefix("ExecStart="))
     assert args[:2] == ["/usr/bin/python3", "/usr/local/lib/tunnelhub/tunnelhub_health.py"]
-    args = [sys.executable, str(DAEMON)] + [str(config) if a == "/etc/tunnelhub/health.json" else a for a in args[2:]]
+    paths = {"/etc/tunnelhub/health.json": str(config), "/run/tunnelhub/reconcile.json": str(tmp_path / "status.json")}
+    args = [sys.executable, str(DAEMON)] + [paths.get(a, a) for a in args[2:]]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        yield hub, health_port
+        yield hub, health_port, document
     finally:
         process.terminate()
         process.wait(10)
@@ -96,7 +98,7 @@ def daemon(tmp_path):
 
 
 def test_each_route_has_its_health_path(daemon):
-    hub, port = daemon
+    hub, port, document = daemon
     deadline = time.monotonic() + 15
     while True:
         try:
@@ -109,5 +111,9 @@ def test_each_route_has_its_health_path(daemon):
         time.sleep(0.2)
     status, summary = get(port, "/")
     assert status == 503 and json.dumps(summary).count("down-db") >= 1
+    assert summary["config_version"] == document.version
+    assert summary["reconciler"]["state"] == "unknown"  # no status file yet: said so, not hidden
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        assert response.headers["X-Tunnelhub-Config-Version"] == document.version
     assert get(port, "/healthz")[0] == 200
     assert get(port, "/routes/no-such-route")[0] == 404

@@ -1,4 +1,10 @@
-"""The hub's files bucket: proxy files that do not fit in EC2's 16 KB of user data.
+"""The hub's files bucket: the hub configuration document, and the proxy files that do not fit
+in EC2's 16 KB of user data.
+
+The document (``config/hub-config.json``, :mod:`tunnelhub.userdata.document`) is one object at a
+fixed key: a routine change (a route, a key) updates it in place and every proxy's reconciler
+picks it up within its poll interval (a conditional GET: ETag), so the launch template never
+changes for it. It holds no secret (routes, addresses, public keys).
 
 The cloud-init renderer moves the largest file (the health daemon) here when even gzip does not
 fit, and pins each object's sha256 in the user data: the proxy fetches ``tunnelhub-<hub>-<account>-
@@ -50,6 +56,7 @@ from cdktf_cdktf_provider_aws.s3_bucket_versioning import (
 from cdktf_cdktf_provider_aws.s3_object import S3Object
 from constructs import Construct
 
+from tunnelhub.userdata import AWS_DOCUMENT_KEY, HubDocument
 from tunnelhub.userdata import S3Object as ProxyFile
 
 NONCURRENT_VERSION_DAYS = 30
@@ -59,28 +66,29 @@ NONCURRENT_VERSION_DAYS = 30
 class FilesBucketProps:
     bucket_name: str
     """``tunnelhub-<hub>-<account>-<region>``: the name the proxies derive at boot."""
-    files: Sequence[ProxyFile]
-    """The renderer's ``UserData.s3_objects``; at least one."""
+    document: HubDocument
+    """The hub configuration document (``render_document(hub)``), uploaded to ``config/hub-config.json``."""
+    files: Sequence[ProxyFile] = ()
+    """The renderer's ``UserData.s3_objects`` (default: none, everything fits in the user data)."""
     key_prefix: str = "proxy/"
-    """The prefix every key starts with: the instance role may read below it only."""
+    """The prefix every file's key starts with: the instance role may read below it (and the document)."""
 
 
 class FilesBucket(Construct):
-    """Read-only attributes: ``bucket_name``, ``bucket_arn``, ``readable_arn`` (what the proxies'
-    role may ``s3:GetObject``), ``ready`` (the objects and the bucket's settings, for
-    ``depends_on``)."""
+    """Read-only attributes: ``bucket_name``, ``bucket_arn``, ``readable_arns`` (what the proxies'
+    role may ``s3:GetObject``: the files' prefix and the document), ``document_key``, ``ready``
+    (the objects and the bucket's settings, for ``depends_on``)."""
 
     def __init__(self, scope: Construct, id: str, props: FilesBucketProps):
         super().__init__(scope, id)
-        if not props.files:
-            raise ValueError("FilesBucketProps.files is empty: create the bucket only when the user data needs it")
         outside = [f.key for f in props.files if not f.key.startswith(props.key_prefix)]
         if outside:
             raise ValueError(f"files bucket keys must start with {props.key_prefix!r}; got {', '.join(outside)}")
         bucket = S3Bucket(self, "bucket", bucket=props.bucket_name, force_destroy=True)
         self.bucket_name = props.bucket_name
         self.bucket_arn = bucket.arn
-        self.readable_arn = f"{bucket.arn}/{props.key_prefix}*"
+        self.document_key = AWS_DOCUMENT_KEY
+        self.readable_arns = [f"{bucket.arn}/{props.key_prefix}*", f"{bucket.arn}/{AWS_DOCUMENT_KEY}"]
         block = S3BucketPublicAccessBlock(
             self, "public-access-block", bucket=bucket.id, block_public_acls=True, block_public_policy=True,
             ignore_public_acls=True, restrict_public_buckets=True,
@@ -134,3 +142,10 @@ class FilesBucket(Construct):
                 # The key changes with the content: upload the new object before deleting the old.
                 lifecycle=TerraformResourceLifecycle(create_before_destroy=True),
             ))
+        # The document: one key, updated in place (aws_s3_object's content is not ForceNew: a change
+        # re-uploads the object); versioning keeps the previous documents for 30 days.
+        self.document = S3Object(
+            self, "hub-config", bucket=bucket.id, key=AWS_DOCUMENT_KEY, content=props.document.text,
+            content_type="application/json", depends_on=settings,
+        )
+        self.ready.append(self.document)

@@ -12,7 +12,10 @@ What it builds from one resolved hub spec:
 - the slot Lambda (:mod:`tunnelhub.constructs.aws_slot_function`) and the group's launch hook;
 - the hub SSH host key (tls provider), kept in an SSM SecureString under a key of its own that
   only the proxies' role may decrypt through SSM;
-- the launch template and the Auto Scaling group (one instance per slot);
+- the launch template (the static bootstrap cloud-init: it changes with the machine, never with a
+  route or a key) and the Auto Scaling group (one instance per slot);
+- the files bucket with the hub configuration document (routes, tunnel keys, probe settings),
+  which the proxies' reconcilers poll and apply live;
 - the internal NLB: per route a TCP listener and an ``ip`` target group holding the slots'
   private addresses, health-checked on the proxies' health port at ``/routes/<route>``; plus the
   instance-health target group (``/healthz``) that the group's ELB health check uses;
@@ -94,7 +97,16 @@ from tunnelhub.constructs.slot_lambda.handler import (
     SlotAddress,
     encode_slot_private_ips,
 )
-from tunnelhub.userdata import USER_DATA_LIMIT_BYTES, UserData, files_bucket_name, host_key_parameter_name
+from tunnelhub.userdata import (
+    AWS_SLOT_ADDRESSES_TAG,
+    AWS_SLOT_COUNT_TAG,
+    USER_DATA_LIMIT_BYTES,
+    HubDocument,
+    UserData,
+    files_bucket_name,
+    host_key_parameter_name,
+    render_document,
+)
 
 UBUNTU_OWNER = "099720109477"  # Canonical
 UBUNTU_NAME = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-{arch}-server-*"
@@ -121,8 +133,11 @@ class AwsHubProps:
     hub: S.Hub
     """The resolved hub spec; must be an AWS hub."""
     user_data: UserData
-    """The proxies' cloud-init (``render_cloud_init(hub, None)``): its payload goes to the launch
-    template, its ``s3_objects`` (when it has any) to the hub's files bucket."""
+    """The proxies' bootstrap cloud-init (``render_cloud_init(hub, None)``): its payload goes to the
+    launch template, its ``s3_objects`` (when it has any) to the hub's files bucket."""
+    document: HubDocument | None = None
+    """The hub configuration document, uploaded to the files bucket and applied live by the
+    proxies (default: ``render_document(hub)``)."""
 
     def __post_init__(self) -> None:
         hub = self.hub
@@ -168,8 +183,9 @@ class AwsHub(Construct):
       in an existing VPC, whose NAT is its owner's).
     - ``host_public_key``: the hub's SSH host public key (OpenSSH format).
     - ``host_key_parameter_name``: the SSM parameter holding its private half.
-    - ``files_bucket_name``: the bucket of the proxies' boot files (None when the user data
-      holds everything).
+    - ``files_bucket_name``: the bucket of the hub configuration document and of the proxies' boot
+      files that do not fit in the user data.
+    - ``config_version``: the version of the hub configuration document.
     - ``route_target_group_arns``: route name -> its target group.
     - ``asg_arn``; ``slot_function`` (the :class:`SlotFunction`: its function, role and rule).
     """
@@ -242,16 +258,17 @@ class AwsHub(Construct):
             sid="ReadHostKey", effect="Allow", actions=["ssm:GetParameter"], resources=[parameter_arn],
         )]
         boot_ready: list[ITerraformDependable] = []
-        self.files_bucket_name: str | None = None
-        if props.user_data.s3_objects:
-            files = FilesBucket(self, "files", FilesBucketProps(
-                bucket_name=files_bucket_name(hub.name, account, hub.region), files=props.user_data.s3_objects,
-            ))
-            self.files_bucket_name = files.bucket_name
-            proxy_statements.append(DataAwsIamPolicyDocumentStatement(
-                sid="ReadBootFiles", effect="Allow", actions=["s3:GetObject"], resources=[files.readable_arn],
-            ))
-            boot_ready.extend(files.ready)
+        document = props.document if props.document is not None else render_document(hub)
+        self.config_version: str = document.version
+        files = FilesBucket(self, "files", FilesBucketProps(
+            bucket_name=files_bucket_name(hub.name, account, hub.region), document=document,
+            files=props.user_data.s3_objects,
+        ))
+        self.files_bucket_name: str = files.bucket_name
+        proxy_statements.append(DataAwsIamPolicyDocumentStatement(
+            sid="ReadBootFilesAndHubConfig", effect="Allow", actions=["s3:GetObject"], resources=files.readable_arns,
+        ))
+        boot_ready.extend(files.ready)
         proxy_policy = DataAwsIamPolicyDocument(self, "proxy-policy", statement=proxy_statements)
         proxy_role_policy = IamRolePolicy(self, "proxy-role-policy", name="boot", role=proxy_role.id,
                                           policy=proxy_policy.json)
@@ -384,7 +401,14 @@ class AwsHub(Construct):
                     min_healthy_percentage=50, max_healthy_percentage=100, skip_matching=True,
                 ),
             ),
-            tag=[AutoscalingGroupTag(key="Name", value=f"{name}-proxy", propagate_at_launch=False)],
+            tag=[
+                AutoscalingGroupTag(key="Name", value=f"{name}-proxy", propagate_at_launch=False),
+                # The slot wait reads these from instance metadata: a new proxy count changes the
+                # group's tags (no instance refresh), not the launch template's user data.
+                AutoscalingGroupTag(key=AWS_SLOT_COUNT_TAG, value=str(hub.proxies.count), propagate_at_launch=True),
+                AutoscalingGroupTag(key=AWS_SLOT_ADDRESSES_TAG, value=",".join(self.slot_private_ips),
+                                    propagate_at_launch=True),
+            ],
             depends_on=ready,
         )
         self.asg_arn = group.arn
@@ -408,6 +432,15 @@ class AwsHub(Construct):
         VpcSecurityGroupIngressRule(
             rules, "health", security_group_id=proxy_sg, ip_protocol="tcp", from_port=port, to_port=port,
             referenced_security_group_id=nlb_sg, description="health checks from the NLB",
+        )
+        # The rollout gate: a proxy's reconciler asks its canary peer's health endpoint.
+        VpcSecurityGroupIngressRule(
+            rules, "health-from-peers", security_group_id=proxy_sg, ip_protocol="tcp", from_port=port, to_port=port,
+            referenced_security_group_id=proxy_sg, description="health endpoint from the other proxies (rollout gate)",
+        )
+        VpcSecurityGroupEgressRule(
+            rules, "health-to-peers", security_group_id=proxy_sg, ip_protocol="tcp", from_port=port, to_port=port,
+            referenced_security_group_id=proxy_sg, description="health endpoint of the other proxies (rollout gate)",
         )
         egress_ports = sorted({*PROXY_EGRESS_PORTS, *(r.target_port for r in hub.forward_routes)})
         for port in egress_ports:

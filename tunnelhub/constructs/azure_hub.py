@@ -7,12 +7,16 @@ What one :class:`AzureHub` creates (the ``cloud: azure`` half of a hub stack):
   subnet (or the existing VNet and subnets named in ``network.existing_vnet``);
 - the proxy subnet's NSG: SSH only from the on-prem source CIDRs, the route ports only from the
   Databricks classic CIDRs and the PLS NAT subnet, the health port only from the
-  ``AzureLoadBalancer`` tag, and an explicit deny-all-inbound above Azure's AllowVnetInBound;
+  ``AzureLoadBalancer`` tag and from the proxy subnet itself (the rollout gate: a proxy asks its
+  canary peer), and an explicit deny-all-inbound above Azure's AllowVnetInBound;
 - a NAT gateway with a static public IP on the proxy subnet (``network.egress: nat_gateway``);
 - the hub SSH host key (tls provider) in a Key Vault secret that only the proxies' managed
   identities may read, and, when the spec gives no admin key, a generated admin key whose
   private half goes to the same vault;
-- ``proxies.count`` Ubuntu 24.04 VMs with static private IPs, spread over the zones;
+- ``proxies.count`` Ubuntu 24.04 VMs with static private IPs, spread over the zones: ``custom_data``
+  is the bootstrap cloud-init (static: changing it replaces the VM), ``user_data`` the hub
+  configuration document (updated in place; the proxies' reconcilers apply it live), and the tag
+  ``tunnelhub-config-version`` its version, so a plan shows a routine change as an in-place update;
 - the internal Standard LB: one HTTP probe (``/routes/<name>`` on the health port) and one TCP
   rule per route; the Private Link Service on its frontend;
 - the peering with the Databricks workspace VNet when ``databricks.classic`` is set;
@@ -69,7 +73,7 @@ from cdktf_cdktf_provider_tls.private_key import PrivateKey
 from constructs import Construct
 
 from tunnelhub import spec as S
-from tunnelhub.userdata import AZURE_HOST_KEY_TAG, render_cloud_init
+from tunnelhub.userdata import AZURE_CONFIG_VERSION_TAG, AZURE_HOST_KEY_TAG, render_cloud_init, render_document
 
 HOST_KEY_TAG = AZURE_HOST_KEY_TAG
 """VM tag holding the versionless URL of the Key Vault secret with the hub SSH host key (the
@@ -88,6 +92,7 @@ KEY_VAULT_SECRETS_OFFICER = "Key Vault Secrets Officer"
 PRIORITY_SSH = 100
 PRIORITY_ROUTES = 110
 PRIORITY_HEALTH = 120
+PRIORITY_PEER_HEALTH = 125
 PRIORITY_DENY_ALL = 4096
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +124,8 @@ class AzureHub(Construct):
         The hub SSH host public key (OpenSSH format) the tunnel host pins.
     ``nat_public_ip``
         The egress address, or None when ``network.egress`` is ``none``.
+    ``config_version``
+        The version of the hub configuration document in the VMs' ``user_data``.
     """
 
     def __init__(self, scope: Construct, id: str, props: AzureHubProps) -> None:
@@ -284,6 +291,18 @@ class AzureHub(Construct):
             access="Allow",
             protocol="Tcp",
             source_address_prefix="AzureLoadBalancer",
+            destination_port_range=str(hub.proxies.health_port),
+            **common,
+        )
+        NetworkSecurityRule(
+            rules,
+            "peer_health",
+            name="allow-health-from-proxies",
+            description="The proxies' reconcilers ask their canary peer's health endpoint (rollout gate).",
+            priority=PRIORITY_PEER_HEALTH,
+            access="Allow",
+            protocol="Tcp",
+            source_address_prefix=str(self._plan.proxy_subnet),
             destination_port_range=str(hub.proxies.health_port),
             **common,
         )
@@ -483,6 +502,9 @@ class AzureHub(Construct):
         proxies = Construct(self, "proxies")
         zones = hub.zones or []
         self.proxy_private_ips: list[str] = [str(ip) for ip in self._plan.proxy_ips]
+        document = render_document(hub)
+        self.config_version: str = document.version
+        user_data = document.azure_user_data()
         for slot, address in enumerate(self.proxy_private_ips):
             at = Construct(proxies, f"slot{slot}")
             name = f"{hub.name}-proxy-{slot}"
@@ -533,14 +555,16 @@ class AzureHub(Construct):
                 os_disk=LinuxVirtualMachineOsDisk(
                     name=f"{name}-os", caching="ReadWrite", storage_account_type="StandardSSD_LRS"
                 ),
-                custom_data=render_cloud_init(hub, slot).base64,
+                custom_data=render_cloud_init(hub, slot).base64,  # the bootstrap: static per slot
+                user_data=user_data,  # the hub configuration document: updated in place, applied live
                 identity=LinuxVirtualMachineIdentity(type="SystemAssigned"),
                 boot_diagnostics=LinuxVirtualMachineBootDiagnostics(),
                 encryption_at_host_enabled=True,
                 secure_boot_enabled=True,
                 vtpm_enabled=True,
                 allow_extension_operations=False,
-                tags={**self._tags, HOST_KEY_TAG: host_key_secret.versionless_id},
+                tags={**self._tags, HOST_KEY_TAG: host_key_secret.versionless_id,
+                      AZURE_CONFIG_VERSION_TAG: document.version},
                 # Cloud-init installs packages at first boot: egress and the NSG come first.
                 depends_on=boot_prerequisites,
             )
@@ -619,6 +643,8 @@ class AzureHub(Construct):
                     "The hub's egress address (NAT gateway): allow-list it on remote services.")
         _output(outputs, "host_public_key", self.host_public_key,
                 "The hub SSH host public key (OpenSSH); the on-prem package pins it in known_hosts.")
+        _output(outputs, "config_version", self.config_version,
+                "Version of the hub configuration document the proxies apply live (GET / on a proxy's health port).")
 
 
 def _output(scope: Construct, name: str, value: object, description: str) -> None:

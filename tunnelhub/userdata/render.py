@@ -1,14 +1,21 @@
-"""The proxy VMs' cloud-init, rendered from a resolved hub.
+"""The proxy VMs' bootstrap cloud-init, rendered from a resolved hub.
 
 ``render_cloud_init(hub, slot)`` returns the :class:`UserData` the hub stacks embed: Azure gives
 every proxy its own (``slot`` = the proxy index), AWS one for the launch template (``slot`` None:
 the instance learns its slot at boot from the tag the lifecycle Lambda sets).
 
+The bootstrap is **static per machine shape**: it holds what a proxy is (users, packages, the
+sshd hardening, the sysctl drop-in, HAProxy's static part, the units, the scripts, where the host
+key and the live configuration come from), never a route, a tunnel key or a probe setting. Those
+are the hub configuration document (:mod:`tunnelhub.userdata.document`), which the reconciler
+(``files/tunnelhub_reconcile.py``) fetches and applies at boot and whenever it changes, so a
+routine change never touches the user data and never replaces a proxy (docs/live-config.md).
+
 What a proxy runs (see docs/proxy-runtime.md): HAProxy in TCP mode with one listener per route;
 the per-route health endpoint (``files/tunnelhub_health.py``); sshd hardened by a drop-in, with the
 tunnel user limited to remote forwards on its routes' loopback ports; the hub SSH host key fetched
 at boot from Key Vault / SSM (``files/tunnelhub_fetch_host_key.py``); on AWS the wait for the slot
-(``files/tunnelhub_aws_slot.py``); all driven once by ``files/tunnelhub_boot.py``.
+(``files/tunnelhub_aws_slot.py``); the reconciler; all driven once by ``files/tunnelhub_boot.py``.
 
 Templates hold the text (``templates/``), this module the decisions. The scripts are real files,
 embedded verbatim, or (when even gzip does not fit AWS's 16 KB) with comments and docstrings
@@ -30,7 +37,8 @@ from ipaddress import ip_address
 import jinja2
 import yaml
 
-from tunnelhub.spec import Hub, Route
+from tunnelhub.spec import Hub
+from tunnelhub.userdata import layout as L
 from tunnelhub.userdata.compact import compact_python
 
 # ---------------------------------------------------------------------------------------------
@@ -41,35 +49,52 @@ USER_DATA_LIMIT_BYTES = {"aws": 16384, "azure": 65535}
 """AWS: 16 KB of user data before base64. Azure: custom data decodes to at most 65535 bytes."""
 AWS_SLOT_TAG = "tunnelhub:slot"
 """Instance tag the AWS lifecycle Lambda sets to the slot number (read from instance metadata)."""
+AWS_SLOT_COUNT_TAG = "tunnelhub:slot-count"
+AWS_SLOT_ADDRESSES_TAG = "tunnelhub:slot-private-ips"
+"""AWS: tags the Auto Scaling group propagates to every instance it launches (proxies.count and
+the slots' fixed private addresses): the slot wait reads them from instance metadata, so a new
+proxy count changes the group's tags, never the launch template's user data."""
 AZURE_HOST_KEY_TAG = "tunnelhub-host-key-secret"
 """Azure VM tag holding the Key Vault secret URL of the hub host key."""
 SLOT_WAIT_TIMEOUT_S = 600
 HOST_KEY_TIMEOUT_S = 900
 INSTALL_TIMEOUT_S = 900
+RECONCILE_INTERVAL_S = 5.0
+"""How often the reconciler fetches the document (Azure IMDS: local; AWS: one conditional S3 GET)."""
+RECONCILE_GATE_POLL_S = 1.0
+RECONCILE_BOOT_TIMEOUT_S = 600
 PACKAGES = ("haproxy",)
 
-LIB_DIR = "/usr/local/lib/tunnelhub"
-CONF_DIR = "/etc/tunnelhub"
-HEALTH_DAEMON_PATH = f"{LIB_DIR}/tunnelhub_health.py"
-HEALTH_CONFIG_PATH = f"{CONF_DIR}/health.json"
-BOOT_SCRIPT_PATH = f"{LIB_DIR}/tunnelhub_boot.py"
-BOOT_CONFIG_PATH = f"{CONF_DIR}/boot.json"
-HAPROXY_CONFIG_PATH = "/etc/haproxy/haproxy.cfg"
-SSHD_DROPIN_PATH = "/etc/ssh/sshd_config.d/10-tunnelhub.conf"
-TUNNEL_AUTHORIZED_KEYS_DIR = "/etc/ssh/authorized_keys.d"
-"""The tunnel user's keys: ``<dir>/<tunnel_user>``, root-owned (the user cannot change them)."""
-SYSCTL_DROPIN_PATH = "/etc/sysctl.d/60-tunnelhub.conf"
-HEALTH_UNIT_PATH = "/etc/systemd/system/tunnelhub-health.service"
-HAPROXY_UNIT_DROPIN_PATH = "/etc/systemd/system/haproxy.service.d/10-tunnelhub.conf"
-HOST_KEY_PATH = "/etc/ssh/tunnelhub_host_ed25519_key"
-NOLOGIN = "/usr/sbin/nologin"
-UNITS = ("haproxy.service", "tunnelhub-health.service")
+LIB_DIR = L.LIB_DIR
+CONF_DIR = L.CONF_DIR
+HEALTH_DAEMON_PATH = L.HEALTH_DAEMON_PATH
+HEALTH_CONFIG_PATH = L.HEALTH_CONFIG_PATH
+BOOT_SCRIPT_PATH = L.BOOT_SCRIPT_PATH
+BOOT_CONFIG_PATH = L.BOOT_CONFIG_PATH
+RECONCILER_PATH = L.RECONCILER_PATH
+RECONCILE_CONFIG_PATH = L.RECONCILE_CONFIG_PATH
+HAPROXY_CONFIG_PATH = L.HAPROXY_CONFIG_PATH
+SSHD_DROPIN_PATH = L.SSHD_DROPIN_PATH
+TUNNEL_AUTHORIZED_KEYS_DIR = L.TUNNEL_AUTHORIZED_KEYS_DIR
+SYSCTL_DROPIN_PATH = L.SYSCTL_DROPIN_PATH
+HEALTH_UNIT_PATH = L.HEALTH_UNIT_PATH
+HAPROXY_UNIT_DROPIN_PATH = L.HAPROXY_UNIT_DROPIN_PATH
+HOST_KEY_PATH = L.HOST_KEY_PATH
+NOLOGIN = L.NOLOGIN
+UNITS = (L.HAPROXY_UNIT, L.HEALTH_UNIT)
+"""Started by the boot driver once the first document is applied (the reconciler's own unit too)."""
+REMOTE_SCRIPTS = ("tunnelhub_health.py", "tunnelhub_reconcile.py")
+"""AWS: the scripts moved to the hub's bucket when the user data does not fit (the largest)."""
 
 # Data plane and half-open bounds (docs/proxy-runtime.md explains the numbers).
 CONNECT_TIMEOUT_S = 5
 RETRIES = 2
 DNS_HOLD_VALID_S = 10
 GLOBAL_MAXCONN_CAP = 262144  # HAProxy asks for ~2 fds per connection; stay under nr_open (1048576)
+OLD_WORKER_BOUND = "7d"
+"""hard-stop-after: how long an old HAProxy worker may keep its connections after a reload."""
+MAX_RELOADS = 50
+"""mworker-max-reloads: an old worker that outlived this many reloads is stopped."""
 TCP_RETRIES2 = 5
 TCP_RTO_MIN_S = 0.2
 CLIENT_ALIVE_INTERVAL_S = 10
@@ -137,8 +162,9 @@ def render_cloud_init(hub: Hub, slot: int | None) -> UserData:
     """The cloud-init user data of ``hub``'s proxies; ``slot``: the Azure proxy index, None on AWS.
 
     The first of these that fits the cloud's limit wins: everything embedded as is (plain, then
-    gzip); on AWS, the health daemon moved to the hub's S3 bucket (``s3_objects``, fetched and
-    checksum-verified at boot); finally the embedded scripts compacted. Raises
+    gzip); on AWS, the health daemon and the reconciler moved to the hub's S3 bucket
+    (``s3_objects``, fetched and checksum-verified at boot); finally the embedded scripts
+    compacted. Raises
     :class:`UserDataError` for a slot that does not fit the cloud, or when nothing fits.
     """
     _check_slot(hub, slot)
@@ -180,7 +206,8 @@ def _check_slot(hub: Hub, slot: int | None) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _environment() -> jinja2.Environment:
+def environment() -> jinja2.Environment:
+    """The templates' jinja2 environment (strict: a missing variable is an error)."""
     env = jinja2.Environment(
         loader=jinja2.FunctionLoader(lambda name: (_TEMPLATES / name).read_text(encoding="utf-8")),
         undefined=jinja2.StrictUndefined,
@@ -203,12 +230,14 @@ def _plan(hub: Hub, slot: int | None, *, compacted: bool, remote: bool) -> _Plan
     files = vm_files(hub, slot, compacted=compacted)
     objects: list[S3Object] = []
     if remote:
-        daemon = next(f for f in files if f.path == HEALTH_DAEMON_PATH)
-        content = (_FILES / "tunnelhub_health.py").read_bytes()
-        digest = hashlib.sha256(content).hexdigest()
-        objects.append(S3Object(key=f"proxy/{digest}/tunnelhub_health.py", content=content, sha256=digest,
-                                path=daemon.path, permissions=daemon.permissions))
-        files = [f for f in files if f.path != HEALTH_DAEMON_PATH]
+        for name in REMOTE_SCRIPTS:
+            script = next(f for f in files if f.path == f"{LIB_DIR}/{name}")
+            content = (_FILES / name).read_bytes()
+            digest = hashlib.sha256(content).hexdigest()
+            objects.append(S3Object(key=f"proxy/{digest}/{name}", content=content, sha256=digest,
+                                    path=script.path, permissions=script.permissions))
+        moved = {o.path for o in objects}
+        files = [f for f in files if f.path not in moved]
         config = json.loads(next(f for f in files if f.path == BOOT_CONFIG_PATH).content)
         config["remote_files"] = [{"path": o.path, "key": o.key, "sha256": o.sha256, "permissions": o.permissions}
                                   for o in objects]
@@ -218,7 +247,7 @@ def _plan(hub: Hub, slot: int | None, *, compacted: bool, remote: bool) -> _Plan
 
 
 def _render(hub: Hub, slot: int | None, plan: _Plan) -> str:
-    text = _environment().get_template("cloud-config.yaml.j2").render(
+    text = environment().get_template("cloud-config.yaml.j2").render(
         hub_name=hub.name,
         cloud=hub.cloud,
         slot_text=f"slot {slot}" if slot is not None else "slot assigned at boot",
@@ -236,7 +265,7 @@ def _render(hub: Hub, slot: int | None, plan: _Plan) -> str:
 
 def vm_files(hub: Hub, slot: int | None, *, compacted: bool = False) -> list[VmFile]:
     """Every file the cloud-init writes, in write order (the lab extracts these)."""
-    env = _environment()
+    env = environment()
 
     def template(name: str, **values) -> str:
         return env.get_template(name).render(**values)
@@ -245,19 +274,26 @@ def vm_files(hub: Hub, slot: int | None, *, compacted: bool = False) -> list[VmF
         source = (_FILES / name).read_text(encoding="utf-8")
         return compact_python(source, name) if compacted else source
 
+    reconcile = reconcile_config(hub, slot)
     files = [
         VmFile(SYSCTL_DROPIN_PATH, sysctl_conf(), "0644"),
         VmFile(SSHD_DROPIN_PATH, sshd_dropin(hub), "0644"),
-        VmFile(tunnel_authorized_keys_path(hub), tunnel_authorized_keys(hub), "0644"),
-        VmFile(HAPROXY_CONFIG_PATH, haproxy_config(hub), "0644"),
-        VmFile(HEALTH_CONFIG_PATH, json.dumps(health_config(hub), indent=2) + "\n", "0644"),
+        VmFile(HAPROXY_CONFIG_PATH, haproxy_base_config(hub), "0644"),
         VmFile(BOOT_CONFIG_PATH, json.dumps(boot_config(hub, slot), indent=2) + "\n", "0644"),
+        VmFile(RECONCILE_CONFIG_PATH, json.dumps(reconcile, indent=2) + "\n", "0644"),
         VmFile(HEALTH_UNIT_PATH, template(
             "tunnelhub-health.service.j2", health_port=hub.proxies.health_port,
             privileged_port=hub.proxies.health_port < 1024, daemon_path=HEALTH_DAEMON_PATH,
-            config_path=HEALTH_CONFIG_PATH), "0644"),
-        VmFile(HAPROXY_UNIT_DROPIN_PATH, template("haproxy-tunnelhub.conf.j2"), "0644"),
+            config_path=HEALTH_CONFIG_PATH, status_path=L.RECONCILE_STATUS_PATH), "0644"),
+        VmFile(L.RECONCILE_UNIT_PATH, template(
+            "tunnelhub-reconcile.service.j2", script=RECONCILER_PATH, config=RECONCILE_CONFIG_PATH,
+            interval_s=f"{RECONCILE_INTERVAL_S:g}",
+            source="the VM's user data (Azure IMDS)" if hub.cloud == "azure" else "the hub's S3 bucket"), "0644"),
+        VmFile(HAPROXY_UNIT_DROPIN_PATH, template(
+            "haproxy-tunnelhub.conf.j2", haproxy=L.HAPROXY, base=HAPROXY_CONFIG_PATH, routes=L.HAPROXY_ROUTES_PATH,
+            pid_file=L.HAPROXY_PID_FILE, master_socket=L.HAPROXY_MASTER_SOCKET), "0644"),
         VmFile(HEALTH_DAEMON_PATH, script("tunnelhub_health.py"), "0755"),
+        VmFile(RECONCILER_PATH, script("tunnelhub_reconcile.py"), "0755"),
         VmFile(BOOT_SCRIPT_PATH, script("tunnelhub_boot.py"), "0755"),
         VmFile(f"{LIB_DIR}/tunnelhub_fetch_host_key.py", script("tunnelhub_fetch_host_key.py"), "0755"),
     ]
@@ -286,11 +322,6 @@ def tunnel_authorized_keys_path(hub: Hub) -> str:
     return f"{TUNNEL_AUTHORIZED_KEYS_DIR}/{hub.onprem.tunnel_user}"
 
 
-def permit_listen(hub: Hub) -> list[str]:
-    """``localhost:<tunnel_port>`` per tunnel route: the listen address the on-prem ``-R`` uses."""
-    return [f"localhost:{r.tunnel_port}" for r in hub.tunnel_routes]
-
-
 def allowed_users(hub: Hub) -> list[str]:
     users = [hub.proxies.admin_username, hub.onprem.tunnel_user]
     if hub.cloud == "aws" and hub.aws is not None and hub.aws.key_pair_name:
@@ -299,38 +330,21 @@ def allowed_users(hub: Hub) -> list[str]:
 
 
 def sshd_dropin(hub: Hub) -> str:
-    return _environment().get_template("sshd_tunnelhub.conf.j2").render(
+    """The static sshd drop-in: hardening, and the tunnel user's ``Match`` block, which includes
+    the live forwarding rules (:data:`tunnelhub.userdata.layout.SSHD_TUNNEL_FORWARDING_PATH`)."""
+    return environment().get_template("sshd_tunnelhub.conf.j2").render(
         allow_users=allowed_users(hub),
         client_alive_interval_s=CLIENT_ALIVE_INTERVAL_S,
         client_alive_count_max=CLIENT_ALIVE_COUNT_MAX,
         tunnel_user=hub.onprem.tunnel_user,
         authorized_keys_path=tunnel_authorized_keys_path(hub),
-        permit_listen=permit_listen(hub),
+        forwarding_path=L.SSHD_TUNNEL_FORWARDING_PATH,
         nologin=NOLOGIN,
     )
 
 
-def authorized_keys_options(hub: Hub) -> str:
-    """The options in front of every tunnel key (the on-prem key may do nothing else)."""
-    options = ["restrict"]
-    listen = permit_listen(hub)
-    if listen:
-        options.append("port-forwarding")
-        options += [f'permitlisten="{p}"' for p in listen]
-    options.append(f'command="{NOLOGIN}"')
-    options.append('from="' + ",".join(str(c) for c in hub.onprem.source_cidrs) + '"')
-    return ",".join(options)
-
-
-def tunnel_authorized_keys(hub: Hub) -> str:
-    return _environment().get_template("authorized_keys.j2").render(
-        tunnel_user=hub.onprem.tunnel_user, options=authorized_keys_options(hub),
-        keys=list(hub.onprem.tunnel_public_keys),
-    )
-
-
 def sysctl_conf() -> str:
-    return _environment().get_template("sysctl.conf.j2").render(
+    return environment().get_template("sysctl.conf.j2").render(
         tcp_retries2=TCP_RETRIES2, tcp_give_up_s=f"{tcp_give_up_s():.1f}")
 
 
@@ -339,7 +353,7 @@ def tcp_give_up_s(retries2: int = TCP_RETRIES2) -> float:
     return TCP_RTO_MIN_S * (2 ** (retries2 + 1) - 1)
 
 
-def _haproxy_address(host: str, port: int) -> str:
+def haproxy_address(host: str, port: int) -> str:
     try:
         if ip_address(host).version == 6:
             return f"ipv6@{host}:{port}"
@@ -348,7 +362,7 @@ def _haproxy_address(host: str, port: int) -> str:
         return f"{host}:{port}"
 
 
-def _is_name(host: str) -> bool:
+def is_name(host: str) -> bool:
     try:
         ip_address(host)
     except ValueError:
@@ -356,53 +370,21 @@ def _is_name(host: str) -> bool:
     return False
 
 
-def haproxy_config(hub: Hub) -> str:
-    listeners = []
-    for r in hub.routes:
-        if r.kind == "tunnel":
-            server, server_name = f"127.0.0.1:{r.tunnel_port}", "tunnel"
-            description = f"127.0.0.1:{r.tunnel_port} (ssh -R to {r.target})"
-        else:
-            server, server_name = _haproxy_address(r.target_host, r.target_port), "remote"
-            description = r.target
-            if _is_name(r.target_host):
-                server += " resolvers dns resolve-prefer ipv4 init-addr none"
-        listeners.append({
-            "name": r.name, "kind": r.kind, "port": r.port, "maxconn": r.max_connections,
-            "idle_timeout_min": r.idle_timeout_min, "server": server, "server_name": server_name,
-            "description": description,
-        })
-    return _environment().get_template("haproxy.cfg.j2").render(
+def haproxy_base_config(hub: Hub) -> str:
+    """HAProxy's static part (global settings and defaults); the routes file follows it."""
+    return environment().get_template("haproxy.cfg.j2").render(
         hub_name=hub.name,
-        global_maxconn=min(GLOBAL_MAXCONN_CAP, sum(r.max_connections for r in hub.routes) + 100),
+        routes_path=L.HAPROXY_ROUTES_PATH,
         retries=RETRIES,
         connect_timeout_s=CONNECT_TIMEOUT_S,
-        resolvers=any(r.kind == "forward" and _is_name(r.target_host) for r in hub.routes),
-        dns_hold_valid_s=DNS_HOLD_VALID_S,
-        listeners=listeners,
+        old_worker_bound=OLD_WORKER_BOUND,
+        max_reloads=MAX_RELOADS,
     )
 
 
-def _probe(route: Route) -> dict:
-    mode = route.probe_mode
-    probe: dict = {"mode": mode, "interval_s": route.probe.interval_s, "timeout_s": route.probe.timeout_s}
-    if mode == "mysql":
-        probe["check_user"] = route.probe.check_user
-    if mode == "tls":
-        if route.probe.server_name is not None:
-            probe["server_name"] = route.probe.server_name
-        elif route.kind == "tunnel" and _is_name(route.target_host):
-            probe["server_name"] = route.target_host  # the check dials 127.0.0.1: send the real name
-    return probe
-
-
-def health_config(hub: Hub) -> dict:
-    """``/etc/tunnelhub/health.json`` for ``files/tunnelhub_health.py``."""
-    routes = []
-    for r in hub.routes:
-        host, port = ("127.0.0.1", r.tunnel_port) if r.kind == "tunnel" else (r.target_host, r.target_port)
-        routes.append({"name": r.name, "kind": r.kind, "host": host, "port": port, "probe": _probe(r)})
-    return {"listen_address": "0.0.0.0", "port": hub.proxies.health_port, "routes": routes}
+def haproxy_check_command(routes_path: str = L.HAPROXY_ROUTES_PATH) -> list[str]:
+    """``haproxy -c`` of both files, as the unit's ExecReload runs it."""
+    return [L.HAPROXY, "-c", "-q", "-f", HAPROXY_CONFIG_PATH, "-f", routes_path]
 
 
 def boot_config(hub: Hub, slot: int | None) -> dict:
@@ -412,26 +394,67 @@ def boot_config(hub: Hub, slot: int | None) -> dict:
     if hub.cloud == "aws":
         host_key = {"source": "aws-ssm", "parameter": host_key_parameter_name(hub), "timeout_s": HOST_KEY_TIMEOUT_S}
         slot_wait = {
-            "count": hub.proxies.count,
+            # proxies.count and the slots' fixed private addresses come from the instance's tags (the
+            # Auto Scaling group propagates them), not from here: a new count must not change the
+            # launch template. Every AWS slot has a fixed private address (the NLB's targets).
+            "count_tag": AWS_SLOT_COUNT_TAG,
+            "private_ips_tag": AWS_SLOT_ADDRESSES_TAG,
             "tag": AWS_SLOT_TAG,
             "timeout_s": SLOT_WAIT_TIMEOUT_S,
             "require_public_ipv4": hub.egress == "slot_eip",
-            # Every AWS slot has a fixed private address: the NLB's route target groups (type ip)
-            # register those, so the proxy must configure its slot's address whether or not the
-            # tunnel host dials it over a private circuit.
-            "private_ips": [str(ip) for ip in hub.aws_addresses().slot_private_ips],
         }
     return {
         "hub": hub.name,
         "cloud": hub.cloud,
         "slot": slot,
         "sysctl_file": SYSCTL_DROPIN_PATH,
-        "haproxy_config": HAPROXY_CONFIG_PATH,
+        "haproxy_check": haproxy_check_command(),
         "packages": list(PACKAGES),
         "install_timeout_s": INSTALL_TIMEOUT_S,
+        "reconciler": {"script": RECONCILER_PATH, "config": RECONCILE_CONFIG_PATH,
+                       "timeout_s": RECONCILE_BOOT_TIMEOUT_S},
         "units": list(UNITS),
+        "reconcile_unit": L.RECONCILE_UNIT,
         "host_key": host_key,
         "slot_wait": slot_wait,
+    }
+
+
+def reconcile_config(hub: Hub, slot: int | None) -> dict:
+    """``/etc/tunnelhub/reconcile.json`` for ``files/tunnelhub_reconcile.py`` (every option is
+    documented in the reconciler's docstring and docs/live-config.md)."""
+    if hub.cloud == "azure":
+        source: dict = {"type": "azure-imds", "url": L.AZURE_USER_DATA_URL}
+    else:
+        source = {"type": "aws-s3", "key": L.AWS_DOCUMENT_KEY, "imds_url": L.AWS_IMDS_URL}
+    return {
+        "hub": hub.name,
+        "slot": slot,
+        "slot_file": L.SLOT_FILE if hub.cloud == "aws" else None,
+        "tunnel_user": hub.onprem.tunnel_user,
+        "health_port": hub.proxies.health_port,
+        "interval_s": RECONCILE_INTERVAL_S,
+        "gate_poll_s": RECONCILE_GATE_POLL_S,
+        "boot_timeout_s": RECONCILE_BOOT_TIMEOUT_S,
+        "source": source,
+        "files": {
+            "haproxy_routes": L.HAPROXY_ROUTES_PATH,
+            "health": HEALTH_CONFIG_PATH,
+            "authorized_keys": tunnel_authorized_keys_path(hub),
+            "sshd_tunnel_forwarding": L.SSHD_TUNNEL_FORWARDING_PATH,
+        },
+        "state_file": L.APPLIED_DOCUMENT_PATH,
+        "status_file": L.RECONCILE_STATUS_PATH,
+        "commands": {
+            "haproxy_check": haproxy_check_command("{candidate}"),
+            "haproxy_reload": ["systemctl", "reload-or-restart", L.HAPROXY_UNIT],
+            "health_reload": ["systemctl", "reload-or-restart", L.HEALTH_UNIT],
+            "sshd_check": ["/usr/sbin/sshd", "-t"],
+            "sshd_reload": ["systemctl", "try-reload-or-restart", L.SSH_UNIT],
+            "sessions": ["ss", "-Htnp", "state", "established", "( sport = :22 )"],
+            "session_log": ["journalctl", "-b", "-q", "-o", "cat", "--no-pager", "-t", "sshd", "-t", "sshd-session"],
+        },
+        "session_log_file": None,
     }
 
 

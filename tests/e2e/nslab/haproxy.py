@@ -139,23 +139,37 @@ def check_config(path: Path) -> None:
 
 
 class Haproxy:
-    """HAProxy in a namespace (``haproxy -db -f cfg``), config checked before it starts."""
+    """HAProxy in a namespace (``haproxy -db -f cfg``), config checked before it starts.
 
-    def __init__(self, *, config_text: str, workdir: Path, netns: str, log_dir: Path, name: str,
-                 stats_socket: Path | None = None) -> None:
+    ``argv`` runs a given command line instead (a proxy's data plane: the ``ExecStart`` of its
+    unit drop-in, master-worker mode, its config files already in place); ``check_argv`` is then
+    the check run before it starts.
+    """
+
+    def __init__(self, *, config_text: str = "", workdir: Path, netns: str, log_dir: Path, name: str,
+                 stats_socket: Path | None = None, argv: list[str] | None = None,
+                 check_argv: list[str] | None = None) -> None:
         self.workdir = workdir
         self.netns = netns
         self.name = name
         self.stats_socket = stats_socket
         self.config_path = workdir / f"{name}.cfg"
         self.config_text = config_text
-        self.daemon = Daemon(name=name, argv=[HAPROXY, "-db", "-f", str(self.config_path)],
+        self.check_argv = check_argv
+        self.daemon = Daemon(name=name, argv=argv or [HAPROXY, "-db", "-f", str(self.config_path)],
                              log_path=log_dir / f"{name}.log", netns=netns)
+        self._own_config = argv is None
 
     def start(self, *, timeout_s: float = 15.0) -> Haproxy:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self.config_text)
-        check_config(self.config_path)
+        if self._own_config:
+            self.config_path.write_text(self.config_text)
+            check_config(self.config_path)
+        elif self.check_argv:
+            proc = run(self.check_argv, check=False)
+            if proc.returncode != 0:
+                raise LabError(f"{' '.join(self.check_argv)} rejected the configuration:\n"
+                               f"{proc.stdout}{proc.stderr}")
         self.daemon.start()
         if self.stats_socket is not None:
             wait_until(lambda: self._stats_ready(), timeout_s=timeout_s,

@@ -10,9 +10,16 @@ the tunnel host's LAN. :class:`GeneratedHub` then
   the tunnel key the lab generated in ``onprem.tunnel_public_keys``; one MySQL tunnel route to
   the ``db`` namespace's MariaDB; probe and load-balancer settings at the spec defaults) and
   loads it with :func:`tunnelhub.spec.load_spec`;
-- renders each proxy's cloud-init with :func:`tunnelhub.userdata.render_cloud_init` and extracts
-  the payload that ships (gzip and all) into the proxy's root: sshd drop-in, the tunnel user's
-  keys file, HAProxy, health daemon + ``health.json``, sysctl drop-in (see ``generated.py``);
+- renders each proxy's bootstrap cloud-init with :func:`tunnelhub.userdata.render_cloud_init` and
+  extracts the payload that ships (gzip and all) into the proxy's root: sshd drop-in, HAProxy's
+  static config and unit drop-in, the health daemon and the reconciler with their units and
+  configs, sysctl drop-in (see ``generated.py``);
+- renders the hub configuration document with :func:`tunnelhub.userdata.render_document` and
+  serves it, as the Azure VM's ``user_data``, from a fake IMDS in each proxy's namespace
+  (``nslab.imds``): the reconciler fetches it from there and writes the routes, the health
+  routes, the tunnel user's keys and forwarding rules. :meth:`GeneratedHub.publish` is ``terraform
+  apply`` of a spec change: it checks that the bootstrap of every slot is byte-identical (a routine
+  change replaces no VM) and updates the channel;
 - writes an outputs file in ``cdktf output --outputs-file`` form holding the lab's proxy
   addresses (``tunnel_endpoints``) and the lab's hub host key (``host_public_key``), builds the
   on-prem package with :func:`tunnelhub.onprem.build_deb`, and takes the unit, ``ssh_config``,
@@ -29,9 +36,11 @@ key (postinst makes it on a real host) is the lab's, placed at the package's key
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -47,11 +56,12 @@ from tunnelhub.onprem.unitfile import (
     unit_environment,
 )
 from tunnelhub.spec import Hub, load_spec
-from tunnelhub.userdata import extract_files, render_cloud_init
+from tunnelhub.userdata import HubDocument, extract_files, render_cloud_init, render_document
 
 from . import generated
 from .cloudinit import VmRoot, rewrite_paths
 from .haproxy import LbRoute
+from .imds import FakeImds
 from .lab import Lab
 from .netns import hub_links
 from .proc import LabError
@@ -73,9 +83,9 @@ def proxy_ips(count: int) -> list[str]:
     return [str(ip) for ip in plan.proxy_ips]
 
 
-def hub_lab(*, proxies: int = 2, client_to_db: bool = False) -> Lab:
+def hub_lab(*, proxies: int = 2, client_to_db: bool = False, remote_service: bool = False) -> Lab:
     """A :class:`Lab` laid out as the lab hub expects (not opened yet)."""
-    links, routes = hub_links(proxy_ips(proxies), client_to_db=client_to_db)
+    links, routes = hub_links(proxy_ips(proxies), client_to_db=client_to_db, remote_service=remote_service)
     return Lab(proxies=proxies, tunnel_user=TUNNEL_USER, links=links, routes=routes)
 
 
@@ -103,10 +113,15 @@ class GeneratedHub:
     lab: Lab
     tcp_quickack: bool = True
     hub: Hub = field(init=False)
+    spec_data: dict = field(init=False)
+    document: HubDocument = field(init=False)
     deb: DebBuild = field(init=False)
     onprem: VmRoot = field(init=False)
     unit_vm_path: str = field(init=False)
     rewrites: list[str] = field(default_factory=list, init=False)
+    imds: dict[str, FakeImds] = field(default_factory=dict, init=False)
+    _bootstraps: dict[int, bytes] = field(default_factory=dict, init=False)
+    _spec_count: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         lab = self.lab
@@ -116,14 +131,51 @@ class GeneratedHub:
             raise LabError("the lab's proxies are not at the spec's addresses: build it with hub_lab()")
         _, tunnel_pub = lab.key("tunnel_ed25519")
         _, admin_pub = lab.key("admin_ed25519")
-        spec_path = lab.path(f"lab-hub{'' if self.tcp_quickack else '-noquickack'}.yaml")
-        data = hub_spec_data(tunnel_public_key=tunnel_pub, admin_public_key=admin_pub,
-                             db_address=lab.db_host, proxies=len(lab.proxy_names),
-                             tcp_quickack=self.tcp_quickack)
-        spec_path.write_text(json.dumps({"version": 1, "hubs": [data]}, indent=2))  # JSON is YAML
-        self.hub = load_spec(spec_path).hub(HUB_NAME)
+        self.spec_data = hub_spec_data(tunnel_public_key=tunnel_pub, admin_public_key=admin_pub,
+                                       db_address=lab.db_host, proxies=len(lab.proxy_names),
+                                       tcp_quickack=self.tcp_quickack)
+        self.hub = self._load(self.spec_data)
+        self.document = render_document(self.hub)
+        self._bootstraps = {slot: render_cloud_init(self.hub, slot).payload for slot in range(len(lab.proxy_names))}
         self.deb = self._build_deb()
         self.onprem = self._install_onprem()
+        # The proxies are in one /26 but each on its own link to the gateway: a proxy ARPs for a
+        # peer on-link. Azure's network answers every ARP in a subnet itself (its virtual gateway
+        # MAC), so the lab's gateway answers for the peers (proxy ARP) and routes between them:
+        # the rollout gate's proxy-to-proxy health queries travel as in the VNet.
+        for proxy in lab.proxy_names:
+            lab.topology.sysctl("gw", f"net.ipv4.conf.{lab.topology.ifname('gw', proxy)}.proxy_arp", 1)
+
+    def _load(self, data: dict) -> Hub:
+        name = f"lab-hub{'' if self.tcp_quickack else '-noquickack'}"
+        spec_path = self.lab.path(f"{name}.yaml" if not self._spec_count else f"{name}.{self._spec_count}.yaml")
+        self._spec_count += 1
+        spec_path.write_text(json.dumps({"version": 1, "hubs": [data]}, indent=2))  # JSON is YAML
+        return load_spec(spec_path).hub(HUB_NAME)
+
+    # -- the live configuration ---------------------------------------------------------------------
+
+    def publish(self, change: Callable[[dict], None] | None = None, *, proxies: Sequence[str] | None = None,
+                user_data: str | None = None) -> tuple[HubDocument, float]:
+        """``terraform apply`` of a spec change: ``change`` edits a copy of the spec data; the
+        bootstrap of every slot must come out byte-identical (no VM replaced) and the new
+        document goes to the channel of ``proxies`` (default: all). ``user_data`` puts that exact
+        text in the channel instead (a corrupted document). Returns (document, when the channel
+        changed: ``time.monotonic()``)."""
+        if user_data is None:
+            data = copy.deepcopy(self.spec_data)
+            if change is not None:
+                change(data)
+            hub = self._load(data)
+            for slot, payload in self._bootstraps.items():
+                if render_cloud_init(hub, slot).payload != payload:
+                    raise LabError(f"the spec change alters slot {slot}'s bootstrap user data: it would replace the VM")
+            self.spec_data, self.hub, self.document = data, hub, render_document(hub)
+            user_data = self.document.azure_user_data()
+        at = 0.0
+        for proxy in proxies if proxies is not None else self.lab.proxy_names:
+            at = self.imds[proxy].set_user_data(user_data)
+        return self.document, at
 
     # -- proxies ------------------------------------------------------------------------------------
 
@@ -141,6 +193,8 @@ class GeneratedHub:
     def extract_proxy(self, proxy: str) -> VmRoot:
         """Render the proxy's cloud-init and extract what ships (the gzip payload)."""
         user_data = render_cloud_init(self.hub, self.slot(proxy))
+        if user_data.payload != self._bootstraps[self.slot(proxy)]:
+            raise LabError(f"{proxy}: the bootstrap changed since the lab started (a new machine)")
         root = self.lab.path(proxy, "root")
         if root.exists():
             shutil.rmtree(root)
@@ -153,7 +207,15 @@ class GeneratedHub:
                            f"{sorted(expected)}")
         return vm
 
+    def start_imds(self, proxy: str) -> FakeImds:
+        if proxy not in self.imds:
+            imds = FakeImds(self.lab.topology.ns(proxy), self.document.azure_user_data()).start()
+            self.lab.on_close(f"{proxy} imds", imds.stop)
+            self.imds[proxy] = imds
+        return self.imds[proxy]
+
     def start_proxy(self, proxy: str) -> None:
+        self.start_imds(proxy)
         generated.start_proxy(self.lab, proxy, self.extract_proxy(proxy))
 
     def replace_proxy(self, proxy: str) -> None:

@@ -193,9 +193,10 @@ class Lab:
         self.on_close(f"{proxy} sshd", sshd.stop)
         return sshd.start()
 
-    def run_service(self, node: str, command: UnitCommand, *, name: str) -> ServiceRunner:
+    def run_service(self, node: str, command: UnitCommand, *, name: str,
+                    main_pid_file: Path | None = None) -> ServiceRunner:
         runner = ServiceRunner(command, netns=self.topology.ns(node),
-                               log_path=self.log_dir / f"{name}.log")
+                               log_path=self.log_dir / f"{name}.log", main_pid_file=main_pid_file)
         self.on_close(name, runner.stop)
         return runner.start()
 

@@ -158,9 +158,16 @@ class HubAddressing:
     db: str = "192.168.20.15/24"
     hub_gateway: str = "10.60.0.1"  # Azure's subnet gateway is the subnet's first address
     hub_prefix_len: int = 26  # the proxy subnet, 10.60.0.0/26
+    remote_gateway: str = "100.64.0.1/24"
+    remote: str = "100.64.0.15/24"
+    """With ``remote_service``: the database's second address, standing in for a remote service a
+    forward route reaches from the proxies through their egress. 100.64.0.0/10 is shared address
+    space, not private in Python's ``ipaddress`` (so the spec takes it as a forward target), and
+    it never leaves the lab's namespaces."""
+    hub_cidr: str = "10.60.0.0/24"
 
 
-def hub_links(proxy_ips: list[str], *, client_to_db: bool = False,
+def hub_links(proxy_ips: list[str], *, client_to_db: bool = False, remote_service: bool = False,
               addressing: HubAddressing = HubAddressing()) -> tuple[list, list[RouteSpec]]:
     """The lab laid out like a hub: the tunnel host reaches the proxies' hub addresses through
     a gateway, as over ExpressRoute or a VPN::
@@ -175,6 +182,8 @@ def hub_links(proxy_ips: list[str], *, client_to_db: bool = False,
 
     Each proxy has its own link to the gateway (point to point: the gateway's ``10.60.0.1/32``
     on every one, a ``/32`` route per proxy), so a cut of one proxy's link leaves the others.
+    ``remote_service`` also links the gateway to ``db`` at ``100.64.0.15`` (a forward route's
+    "remote service", see :class:`HubAddressing`).
     """
     a = addressing
     links: list = [LinkSpec("onprem", "db", a.db_lan_onprem, a.db),
@@ -189,6 +198,9 @@ def hub_links(proxy_ips: list[str], *, client_to_db: bool = False,
     links.append(("client", "lb"))
     if client_to_db:
         links.append(("client", "db"))  # benchmarks only: the "direct" path
+    if remote_service:  # the proxies reach the database as a remote service, through the gateway
+        links.append(LinkSpec("gw", "db", a.remote_gateway, a.remote))
+        routes.append(RouteSpec("db", a.hub_cidr, via=a.remote_gateway.split("/")[0]))
     return links, routes
 
 

@@ -18,6 +18,9 @@ PID); ``kill()`` is ``systemctl kill`` (the restart policy then applies).
 and the restart policy applies), ``ExecStopPost=`` commands after each exit (before a restart,
 and on ``stop()``), as systemd orders them; their output goes to the service's log.
 
+``main_pid_file`` (optional) receives the main PID at every start, what systemd keeps as
+``$MAINPID``: a lab stand-in for ``ExecReload=/bin/kill -HUP $MAINPID`` signals it.
+
 Not mimicked (stated so a reader knows): ``User=``/``Group=`` (the lab runs every command as
 root, so a ``+`` prefix changes nothing), sandboxing directives, ``Type=`` other than
 simple/exec, ``ExecStartPost=``/``ExecStop=``/``ExecReload=``, and ``${VAR:-default}`` forms
@@ -459,8 +462,9 @@ class ServiceRunner:
     """
 
     def __init__(self, command: UnitCommand, *, netns: str | None, log_path: Path,
-                 stop_timeout_s: float = 10.0) -> None:
+                 stop_timeout_s: float = 10.0, main_pid_file: Path | None = None) -> None:
         self.command = command
+        self.main_pid_file = main_pid_file  # written at every start: what systemd knows as $MAINPID
         self.netns = netns
         self.log_path = log_path
         self.stop_timeout_s = stop_timeout_s
@@ -600,6 +604,9 @@ class ServiceRunner:
                             env=cmd.env, start_new_session=True,
                         )
                 popen = self._popen
+                if self.main_pid_file is not None:
+                    self.main_pid_file.parent.mkdir(parents=True, exist_ok=True)
+                    self.main_pid_file.write_text(f"{popen.pid}\n")
                 self._record("start", popen.pid)
                 self.state = "active"
                 returncode = popen.wait()

@@ -5,16 +5,21 @@
 
 Steps (each logged with its elapsed time; output lands in /var/log/cloud-init-output.log):
   1. apply the sysctl drop-in (tcp_retries2: a half-open tunnel session dies fast);
-  2. AWS: wait for the slot (tunnelhub_aws_slot.py); without it there is no egress or address,
-     so a failure here ends the run; then fetch the files kept in the hub's S3 bucket when the
-     user data could not hold them (tunnelhub_fetch_files.py);
+  2. AWS: wait for the slot (tunnelhub_aws_slot.py, given the slot count and the slots' private
+     addresses from the instance tags the Auto Scaling group propagates); without a slot there is
+     no egress or address, so a failure here ends the run; then fetch the files kept in the hub's
+     S3 bucket when the user data could not hold them (tunnelhub_fetch_files.py);
   3. install the hub SSH host key (tunnelhub_fetch_host_key.py), in the background: it may wait
      minutes for permissions to propagate and the data plane does not need it;
   4. install the packages, retried with backoff until a deadline (the egress may come up late),
      with service starts held back (policy-rc.d) so nothing runs before its config is checked;
-  5. check the HAProxy config, then enable and start HAProxy and the health endpoint with
-     ``systemctl enable --now --no-block`` (waiting for a start job from inside cloud-init's own
-     boot job can deadlock the boot).
+  5. the first apply of the hub configuration document (``tunnelhub_reconcile.py --boot``: the
+     routes, the health routes, the tunnel keys; files only, nothing runs yet), then check the
+     HAProxy config;
+  6. enable and start HAProxy, the health endpoint and the reconciler with ``systemctl enable
+     --now --no-block`` (waiting for a start job from inside cloud-init's own boot job can
+     deadlock the boot). Without a document, only the reconciler starts: it starts the others
+     (``reload-or-restart``) once it has applied one.
 Exit 0 when every step worked, 1 otherwise (``cloud-init status`` then reports the failure).
 Stdlib only.
 """
@@ -92,12 +97,47 @@ def install_packages(packages: list[str], timeout_s: float, policy_rc_d: str = P
             os.unlink(policy_rc_d)
 
 
+def slot_plan(wait: dict, imds_url: str) -> tuple[int, list[str]]:
+    """AWS: the slot count and the slots' private addresses, from this instance's tags (the Auto
+    Scaling group propagates them at launch; the launch template does not carry them, so a new
+    proxy count does not change its user data). Waits up to a minute for instance metadata."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tunnelhub_aws_slot import Imds
+
+    imds = Imds(imds_url)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            count = imds.get(f"tags/instance/{wait['count_tag']}")
+            addresses = imds.get(f"tags/instance/{wait['private_ips_tag']}")
+        except OSError as exc:
+            count = addresses = None
+            error = f" ({exc})"
+        else:
+            error = ""
+        if count is not None and addresses is not None:
+            break
+        if time.monotonic() >= deadline:
+            raise ValueError(f"no instance tags {wait['count_tag']} and {wait['private_ips_tag']} in instance "
+                             f"metadata{error}: the Auto Scaling group propagates them (instance metadata tags "
+                             "must be enabled in the launch template)")
+        time.sleep(2)
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"instance tag {wait['count_tag']}={count!r} is not a slot count")
+    private_ips = [a for a in addresses.split(",") if a]
+    if len(private_ips) != int(count):
+        raise ValueError(f"instance tag {wait['private_ips_tag']} lists {len(private_ips)} addresses for {count} slots")
+    log(f"{count} slot(s), private addresses {', '.join(private_ips)} (instance tags)")
+    return int(count), private_ips
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tunnelhub_boot.py", description="first boot of a tunnelhub proxy")
     parser.add_argument("--config", default="/etc/tunnelhub/boot.json")
     parser.add_argument("--lib-dir", default=os.path.dirname(os.path.abspath(__file__)))
     parser.add_argument("--policy-rc-d", default=POLICY_RC_D, help=argparse.SUPPRESS)
     parser.add_argument("--first-retry-s", type=float, default=5.0, help=argparse.SUPPRESS)
+    parser.add_argument("--imds-url", default="http://169.254.169.254", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     with open(args.config, encoding="utf-8") as fh:
         cfg = json.load(fh)
@@ -113,12 +153,17 @@ def main(argv: list[str] | None = None) -> int:
 
     wait = cfg.get("slot_wait")
     if wait:
-        command = script("tunnelhub_aws_slot.py") + ["--count", str(wait["count"]), "--tag", wait["tag"],
+        try:
+            count, private_ips = slot_plan(wait, args.imds_url)
+        except (OSError, ValueError) as exc:
+            log(f"FAILED: {exc}; stopping here (the lifecycle hook will abandon this instance)")
+            return 1
+        command = script("tunnelhub_aws_slot.py") + ["--count", str(count), "--tag", wait["tag"],
                                                       "--timeout-s", str(wait["timeout_s"])]
         if wait["require_public_ipv4"]:
             command.append("--require-public-ipv4")
-        if wait["private_ips"]:
-            command += ["--private-ips", ",".join(wait["private_ips"])]
+        if private_ips:
+            command += ["--private-ips", ",".join(private_ips)]
         if not run(command, timeout_s=wait["timeout_s"] + 60):
             log("FAILED: this instance has no slot; stopping here (the lifecycle hook will abandon it)")
             return 1
@@ -143,14 +188,23 @@ def main(argv: list[str] | None = None) -> int:
         failed.append("packages")
 
     if "packages" not in failed:
-        if not run(["haproxy", "-c", "-f", cfg["haproxy_config"]]):
+        reconciler = cfg["reconciler"]
+        configured = run([sys.executable, reconciler["script"], "--config", reconciler["config"], "--boot"],
+                         timeout_s=reconciler["timeout_s"] + 60)
+        if not configured:
+            failed.append("hub configuration")
+            log("no hub configuration document applied: starting the reconciler only; it starts HAProxy "
+                "and the health endpoint once it has one")
+        elif not run(cfg["haproxy_check"]):
             failed.append("haproxy config")
-        else:
-            run(["systemctl", "daemon-reload"])
-            if not run(["systemctl", "enable", "--now", "--no-block", *cfg["units"]]):
-                failed.append("start services")
-            if preinstalled and not run(["systemctl", "reload-or-restart", "--no-block", "haproxy.service"]):
-                failed.append("reload haproxy")
+        run(["systemctl", "daemon-reload"])
+        units = cfg["units"] if configured and "haproxy config" not in failed else []
+        if not run(["systemctl", "enable", "--now", "--no-block", *units, cfg["reconcile_unit"]]):
+            failed.append("start services")
+        if not units and not run(["systemctl", "enable", *cfg["units"]]):
+            failed.append("enable services")
+        if units and preinstalled and not run(["systemctl", "reload-or-restart", "--no-block", "haproxy.service"]):
+            failed.append("reload haproxy")
 
     try:
         code = fetch.wait(timeout=key["timeout_s"] + 120)
@@ -163,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         log(f"FAILED steps: {', '.join(failed)}")
         return 1
-    log("done: data plane and health endpoint started, hub host key installed")
+    log("done: hub configuration applied, data plane, health endpoint and reconciler started, "
+        "hub host key installed")
     return 0
 
 

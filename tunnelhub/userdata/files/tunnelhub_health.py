@@ -44,6 +44,15 @@ HTTP: ``GET /routes/<name>`` 200/503 + JSON; ``GET /`` JSON summary of every rou
 when every route is healthy else 503 (for operators and monitoring; never point a load
 balancer at it); ``GET /healthz`` 200/503; anything else 404. Route state changes are logged
 to stderr (journald); requests are not.
+
+Live configuration (docs/live-config.md): the reconciler rewrites health.json and sends
+SIGHUP (``systemctl reload``). The daemon then loads the new file and keeps the checker, and
+so the cached state, of every route whose check did not change; it starts checkers for new
+or changed routes and stops those of removed routes. A file that does not validate is
+refused (logged) and the running routes stay. The ``config_version`` of the loaded file is
+on every answer (header ``X-Tunnelhub-Config-Version``) and in ``GET /``, which also carries
+the reconciler's status file (``--status-file``: what it applied, what it waits for, what it
+refused), so an operator sees from any proxy whether the hub converged.
 """
 
 from __future__ import annotations
@@ -81,6 +90,9 @@ HEARTBEAT_STALE_FACTOR = 3.0
 HTTP_REQUEST_TIMEOUT_S = 5.0
 HTTP_MAX_CONCURRENT = 64
 ROUTE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+CONFIG_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+VERSION_HEADER = "X-Tunnelhub-Config-Version"
+STATUS_FILE_MAX_BYTES = 65536
 
 
 # --------------------------------------------------------------------------------------
@@ -129,6 +141,7 @@ class Config:
     listen_address: str
     port: int
     routes: tuple[Route, ...]
+    config_version: str | None = None  # the hub configuration document this file came from
 
 
 _PROBE_KEYS_BY_MODE = {
@@ -178,7 +191,7 @@ def parse_config(data: Any) -> Config:
     if not isinstance(data, dict):
         raise ConfigError([('(top level): not a JSON object; fix: write '
                             '{"listen_address": ..., "port": ..., "routes": [...]}')])
-    f.unknown_keys("", data, {"listen_address", "port", "routes"})
+    f.unknown_keys("", data, {"listen_address", "port", "routes", "config_version"})
     listen = data.get("listen_address", "0.0.0.0")
     try:
         ipaddress.ip_address(listen)
@@ -201,10 +214,14 @@ def parse_config(data: Any) -> Config:
             continue
         seen.add(route.name)
         routes.append(route)
+    version = data.get("config_version")
+    if version is not None and (not isinstance(version, str) or not CONFIG_VERSION_RE.match(version)):
+        f.bad("config_version", f"got {version!r}",
+              "give the document version (1-64 letters, digits, '.', '_' or '-'), or leave the field out")
     if f.problems:
         raise ConfigError(f.problems)
     assert port is not None
-    return Config(listen_address=listen, port=port, routes=tuple(routes))
+    return Config(listen_address=listen, port=port, routes=tuple(routes), config_version=version)
 
 
 def _parse_route(f: _Fields, where: str, raw: Any) -> Route | None:
@@ -939,6 +956,10 @@ class RouteChecker(threading.Thread):
         limit = HEARTBEAT_STALE_FACTOR * self.route.probe.stale_after_s
         return self.is_alive() and now - self.heartbeat <= limit
 
+    def retire(self) -> None:
+        """Stop after the current round (a reload removed or changed this route)."""
+        self._stop_event.set()
+
 
 # --------------------------------------------------------------------------------------
 # HTTP
@@ -982,6 +1003,7 @@ class HealthHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Cache-Control", "no-store")
+        self.send_header(VERSION_HEADER, daemon.config.config_version or "none")
         self.end_headers()
         if send_body:
             self.wfile.write(payload)
@@ -1026,21 +1048,43 @@ class HealthHTTPServer(ThreadingHTTPServer):
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ReloadResult:
+    """What a reload did, by route name."""
+
+    version: str | None
+    kept: tuple[str, ...]
+    started: tuple[str, ...]
+    stopped: tuple[str, ...]
+
+
 class HealthDaemon:
-    """Checker threads + HTTP server; ``start()`` then ``stop()``, or ``main()``."""
+    """Checker threads + HTTP server; ``start()`` then ``stop()``, or ``main()``.
+
+    ``reload(config)`` swaps in a new route set while running (see the module docstring);
+    ``status_file``, when given, is the reconciler's status JSON, included in ``GET /``.
+    """
 
     def __init__(self, config: Config,
                  check: Callable[[Route, Resolver], CheckResult] = run_check,
+                 status_file: str | None = None,
                  host_key_status: str = DEFAULT_HOST_KEY_STATUS):
         self.config = config
         self.stop_event = threading.Event()
+        self.reload_requested = threading.Event()
+        self._check = check
         self.host_key = HostKeyStatus(host_key_status)
-        self.checkers = {route.name: RouteChecker(route, self.stop_event, check, self.host_key)
-                         for route in config.routes}
+        self.checkers = {route.name: self._new_checker(route) for route in config.routes}
         self.started_at = time.monotonic()
+        self.status_file = status_file
+        self.reloads = 0
         self.server: HealthHTTPServer | None = None
         self._server_thread: threading.Thread | None = None
+        self._started = False
         self._logged: dict[str, tuple[bool, str, str | None]] = {}
+
+    def _new_checker(self, route: Route) -> RouteChecker:
+        return RouteChecker(route, threading.Event(), self._check, self.host_key)
 
     @property
     def port(self) -> int:
@@ -1051,6 +1095,7 @@ class HealthDaemon:
         self.server = HealthHTTPServer((self.config.listen_address, self.config.port), self)
         for checker in self.checkers.values():
             checker.start()
+        self._started = True
         self._server_thread = threading.Thread(target=self.server.serve_forever,
                                                kwargs={"poll_interval": 0.2},
                                                name="http", daemon=True)
@@ -1061,15 +1106,82 @@ class HealthDaemon:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
-        for checker in self.checkers.values():
+        checkers = list(self.checkers.values())
+        for checker in checkers:
+            checker.retire()
+        for checker in checkers:
             if checker.is_alive():
                 checker.join(join_timeout_s)
 
+    # -- live reload ------------------------------------------------------------------------
+
+    def reload(self, config: Config) -> ReloadResult:
+        """Apply ``config`` while running: unchanged routes keep their checker (and its last
+        result), new or changed routes get a new checker, removed routes' checkers stop.
+
+        The listen address and port are bound once: a change raises ConfigError (restart the
+        daemon to move it) and nothing changes.
+        """
+        if (config.listen_address, config.port) != (self.config.listen_address, self.config.port):
+            raise ConfigError([
+                f"port: the daemon listens on {self.config.listen_address}:{self.config.port}, the new "
+                f"config asks for {config.listen_address}:{config.port}; fix: restart the daemon to move "
+                "it (on a proxy the health port is part of the machine: it changes with a new proxy)"])
+        old = self.checkers
+        new: dict[str, RouteChecker] = {}
+        kept: list[str] = []
+        started: list[str] = []
+        for route in config.routes:
+            checker = old.get(route.name)
+            if checker is not None and checker.route == route and (checker.is_alive() or not self._started):
+                new[route.name] = checker
+                kept.append(route.name)
+                continue
+            checker = self._new_checker(route)
+            if self._started:
+                checker.start()
+            new[route.name] = checker
+            started.append(route.name)
+        retired = [c for name, c in old.items() if new.get(name) is not c]
+        self.checkers = new  # one reference swap: handlers see the old set or the new one
+        self.config = config
+        self.reloads += 1
+        for checker in retired:
+            checker.retire()
+        stopped = [name for name in old if name not in new]
+        for name in [n for n in self._logged if n not in new or n in started]:
+            del self._logged[name]
+        return ReloadResult(version=config.config_version, kept=tuple(kept), started=tuple(started),
+                            stopped=tuple(stopped))
+
+    def reconciler_status(self) -> dict[str, Any] | None:
+        """The reconciler's status file (small JSON), or why it cannot be read."""
+        if self.status_file is None:
+            return None
+        try:
+            with open(self.status_file, "rb") as fh:
+                raw = fh.read(STATUS_FILE_MAX_BYTES + 1)
+        except FileNotFoundError:
+            return {"state": "unknown", "detail": f"no status file {self.status_file} (reconciler not started?)"}
+        except OSError as exc:
+            return {"state": "unknown", "detail": f"cannot read {self.status_file}: {exc.strerror}"}
+        if len(raw) > STATUS_FILE_MAX_BYTES:
+            return {"state": "unknown", "detail": f"{self.status_file} is larger than {STATUS_FILE_MAX_BYTES} bytes"}
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return {"state": "unknown", "detail": f"{self.status_file} is not JSON (being rewritten?)"}
+        return data if isinstance(data, dict) else {"state": "unknown", "detail": "status is not an object"}
+
     def summary(self, now: float) -> dict[str, Any]:
         routes = {name: checker.status(now) for name, checker in self.checkers.items()}
-        return {"healthy": all(r["healthy"] for r in routes.values()),
-                "uptime_s": round(now - self.started_at, 1), "routes": routes,
-                "host_key": self.host_key.record()}
+        body: dict[str, Any] = {"healthy": all(r["healthy"] for r in routes.values()),
+                                "uptime_s": round(now - self.started_at, 1),
+                                "config_version": self.config.config_version, "routes": routes,
+                                "host_key": self.host_key.record()}
+        if self.status_file is not None:
+            body["reconciler"] = self.reconciler_status()
+        return body
 
     def liveness(self, now: float) -> dict[str, Any]:
         checkers = {name: {"alive": checker.alive(now),
@@ -1101,6 +1213,20 @@ class HealthDaemon:
         return [name for name, checker in self.checkers.items() if not checker.is_alive()]
 
 
+def reload_from_file(daemon: HealthDaemon, path: str) -> ReloadResult | None:
+    """SIGHUP: load ``path`` and reload; a bad file is refused (one log line) and nothing changes."""
+    running = daemon.config.config_version or "unversioned"
+    try:
+        result = daemon.reload(load_config(path))
+    except ConfigError as exc:
+        LOG.error("tunnelhub-health: reload REFUSED, keeping config %s: %s", running, "; ".join(exc.problems))
+        return None
+    LOG.info("tunnelhub-health: reloaded config %s -> %s: kept %s; started %s; stopped %s", running,
+             result.version or "unversioned", ", ".join(result.kept) or "none",
+             ", ".join(result.started) or "none", ", ".join(result.stopped) or "none")
+    return result
+
+
 def _run_once(config: Config) -> int:
     results = {}
     for route in config.routes:
@@ -1121,6 +1247,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the host key fetch's progress file (default {DEFAULT_HOST_KEY_STATUS})")
     parser.add_argument("--once", action="store_true",
                         help="check every route once, print JSON, exit 0 if all are healthy else 1")
+    parser.add_argument("--status-file", default=None,
+                        help="the reconciler's status JSON, shown in GET / (default: none)")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
     try:
@@ -1133,7 +1261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.once:
         return _run_once(config)
 
-    daemon = HealthDaemon(config, host_key_status=args.host_key_status)
+    daemon = HealthDaemon(config, status_file=args.status_file, host_key_status=args.host_key_status)
     try:
         daemon.start()
     except OSError as exc:
@@ -1142,12 +1270,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop_event.set())
-    LOG.info("tunnelhub-health listening on %s:%d for %d route(s): %s", config.listen_address,
-             daemon.port, len(config.routes),
+    signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
+    LOG.info("tunnelhub-health listening on %s:%d for %d route(s), config %s: %s", config.listen_address,
+             daemon.port, len(config.routes), config.config_version or "unversioned",
              ", ".join(f"{r.name} ({r.probe.mode} {r.target} every {r.probe.interval_s:g} s)"
                        for r in config.routes))
     exit_code = 0
-    while not daemon.stop_event.wait(0.5):
+    while not daemon.stop_event.wait(0.2):
+        if daemon.reload_requested.is_set():
+            daemon.reload_requested.clear()
+            reload_from_file(daemon, args.config)
         daemon.log_changes(time.monotonic())
         dead = daemon.dead_checkers()
         if dead:  # let the service manager restart us rather than serve half a daemon

@@ -1,0 +1,238 @@
+"""The hub configuration document: everything about a hub that changes while its proxies run.
+
+``render_document(hub)`` renders, from the resolved spec, the one JSON document every proxy of
+the hub applies live (docs/live-config.md): HAProxy's routes file, the health daemon's routes,
+the tunnel user's ``authorized_keys``, the tunnel user's forwarding rules for sshd, the route
+and key summaries the reconciler diffs, the port plan, and the **peers** (slot -> private
+address) the rollout gate asks. The bootstrap cloud-init (:mod:`tunnelhub.userdata.render`)
+holds none of it, so a routine change (a route, a key, a probe setting) changes this document
+only: Azure VM ``user_data`` (updated in place) and an object in the AWS hub's files bucket.
+
+Shape (``schema`` 1)::
+
+    {"schema": 1, "hub": "<name>", "version": "<12 hex>", "checksum": "sha256:<64 hex>",
+     "payload": {...}}
+
+``checksum`` is the SHA-256 of the payload's canonical JSON (sorted keys, no whitespace, UTF-8),
+``version`` its first 12 hex digits: the same content gives the same version, on every machine
+and every synth. The reconciler (``files/tunnelhub_reconcile.py``) recomputes both and refuses a
+document whose checksum, schema, hub or content does not verify.
+
+The document is readable by anything on the proxy (Azure documents user data as unencrypted and
+readable by every process on the VM) and by whoever reads the Terraform plan, so it must never
+hold a secret: routes, ports, addresses and **public** keys only (``test_document_holds_no_secret``
+keeps it that way).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tunnelhub.spec import Hub, Route
+from tunnelhub.userdata import layout as L
+from tunnelhub.userdata.render import (
+    DNS_HOLD_VALID_S,
+    GLOBAL_MAXCONN_CAP,
+    UserDataError,
+    environment,
+    haproxy_address,
+    is_name,
+)
+
+SCHEMA = 1
+VERSION_LENGTH = 12
+AZURE_USER_DATA_LIMIT_BYTES = 65536
+"""Azure: the VM's user data, base64-encoded as the API takes it, may not exceed 64 KB (Azure
+docs, "User Data for Azure Virtual Machine"; the limit is read conservatively: on the encoded
+text)."""
+DOCUMENT_MAX_BYTES = 1024 * 1024
+"""The reconciler refuses a larger document (the S3 object has no limit of its own)."""
+AWS_DOCUMENT_KEY = L.AWS_DOCUMENT_KEY
+AZURE_CONFIG_VERSION_TAG = "tunnelhub-config-version"
+"""Azure: VM tag holding the document version, so the plan shows the change in clear."""
+PAYLOAD_KEYS = ("authorized_keys", "haproxy_routes", "health", "health_port", "peers", "port_plan", "routes",
+                "sshd_tunnel_forwarding", "tunnel_keys", "tunnel_user")
+
+
+@dataclass(frozen=True)
+class HubDocument:
+    """The rendered document of one hub."""
+
+    hub: str
+    payload: dict[str, Any]
+    version: str
+    checksum: str
+    text: str
+    """The document as JSON (sorted keys, 2-space indent): the S3 object's content, and what the
+    Azure user data decodes to (gzip-compressed only when it would not fit)."""
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "hub": self.hub, "version": self.version, "checksum": self.checksum,
+                "payload": self.payload}
+
+    def azure_user_data(self) -> str:
+        """The base64 text for ``azurerm_linux_virtual_machine.user_data`` (gzip when needed)."""
+        raw = self.text.encode("utf-8")
+        encoded = base64.b64encode(raw).decode("ascii")
+        if len(encoded) <= AZURE_USER_DATA_LIMIT_BYTES:
+            return encoded
+        packed = base64.b64encode(gzip.compress(raw, compresslevel=9, mtime=0)).decode("ascii")
+        if len(packed) > AZURE_USER_DATA_LIMIT_BYTES:
+            raise UserDataError(
+                f"hub {self.hub}: the hub configuration document is {len(raw)} bytes ({len(packed)} base64 "
+                f"even gzip-compressed), over Azure's {AZURE_USER_DATA_LIMIT_BYTES}-byte user data limit; "
+                "fewer routes or tunnel keys would make it fit")
+        return packed
+
+
+def canonical(value: Any) -> bytes:
+    """The bytes the checksum covers (the reconciler computes the same)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def render_document(hub: Hub) -> HubDocument:
+    """The hub configuration document of ``hub`` (the same for every proxy of the hub)."""
+    payload = {
+        "tunnel_user": hub.onprem.tunnel_user,
+        "health_port": hub.proxies.health_port,
+        "haproxy_routes": haproxy_routes_config(hub),
+        "health": health_config(hub),
+        "authorized_keys": tunnel_authorized_keys(hub),
+        "sshd_tunnel_forwarding": sshd_tunnel_forwarding(hub),
+        "routes": [{"name": r.name, **route_summary(r)} for r in hub.routes],
+        "tunnel_keys": [key_summary(k) for k in hub.onprem.tunnel_public_keys],
+        "peers": [{"slot": slot, "address": address} for slot, address in enumerate(peer_addresses(hub))],
+        "port_plan": [{k: v for k, v in row.items() if v is not None} for row in hub.port_plan()],
+    }
+    assert tuple(sorted(payload)) == PAYLOAD_KEYS
+    digest = hashlib.sha256(canonical(payload)).hexdigest()
+    document = {"schema": SCHEMA, "hub": hub.name, "version": digest[:VERSION_LENGTH],
+                "checksum": f"sha256:{digest}", "payload": payload}
+    text = json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    if len(text.encode("utf-8")) > DOCUMENT_MAX_BYTES:
+        raise UserDataError(f"hub {hub.name}: the hub configuration document is over {DOCUMENT_MAX_BYTES} bytes")
+    return HubDocument(hub=hub.name, payload=payload, version=digest[:VERSION_LENGTH],
+                       checksum=f"sha256:{digest}", text=text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parts
+# ---------------------------------------------------------------------------------------------
+
+
+def peer_addresses(hub: Hub) -> list[str]:
+    """Every slot's private address, by slot: where the health endpoints of the peers answer."""
+    if hub.cloud == "azure":
+        return [str(ip) for ip in hub.azure_addresses().proxy_ips]
+    return [str(ip) for ip in hub.aws_addresses().slot_private_ips]
+
+
+def permit_listen(hub: Hub) -> list[str]:
+    """``localhost:<tunnel_port>`` per tunnel route: the listen address the on-prem ``-R`` uses."""
+    return [f"localhost:{r.tunnel_port}" for r in hub.tunnel_routes]
+
+
+def sshd_tunnel_forwarding(hub: Hub) -> str:
+    return environment().get_template("sshd-tunnel-forwarding.conf.j2").render(permit_listen=permit_listen(hub))
+
+
+def authorized_keys_options(hub: Hub) -> str:
+    """The options in front of every tunnel key (the on-prem key may do nothing else)."""
+    options = ["restrict"]
+    listen = permit_listen(hub)
+    if listen:
+        options.append("port-forwarding")
+        options += [f'permitlisten="{p}"' for p in listen]
+    options.append(f'command="{L.NOLOGIN}"')
+    options.append('from="' + ",".join(str(c) for c in hub.onprem.source_cidrs) + '"')
+    return ",".join(options)
+
+
+def tunnel_authorized_keys(hub: Hub) -> str:
+    return environment().get_template("authorized_keys.j2").render(
+        tunnel_user=hub.onprem.tunnel_user, options=authorized_keys_options(hub),
+        keys=list(hub.onprem.tunnel_public_keys),
+    )
+
+
+def key_fingerprint(public_key: str) -> str:
+    """OpenSSH's SHA256 fingerprint of a public key line (``ssh-keygen -l``, what sshd logs)."""
+    blob = base64.b64decode(public_key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
+
+
+def key_summary(public_key: str) -> dict[str, str]:
+    parts = public_key.split(None, 2)
+    summary = {"type": parts[0], "fingerprint": key_fingerprint(public_key)}
+    if len(parts) > 2:
+        summary["comment"] = parts[2]
+    return summary
+
+
+def route_summary(route: Route) -> dict[str, Any]:
+    """Everything about one route that its listener or its check depends on: two documents'
+    summaries differ exactly when the route changed (the rollout gate compares these)."""
+    summary: dict[str, Any] = {
+        "kind": route.kind, "port": route.port, "target": route.target,
+        "max_connections": route.max_connections, "idle_timeout_min": route.idle_timeout_min,
+        "probe": _probe(route),
+    }
+    if route.tunnel_port is not None:
+        summary["tunnel_port"] = route.tunnel_port
+    return summary
+
+
+def haproxy_routes_config(hub: Hub) -> str:
+    """HAProxy's routes file: ``global maxconn`` (the routes' sum + 100), the resolvers when a
+    forward route names a host, one ``listen`` per route."""
+    listeners = []
+    for r in hub.routes:
+        if r.kind == "tunnel":
+            server, server_name = f"127.0.0.1:{r.tunnel_port}", "tunnel"
+            description = f"127.0.0.1:{r.tunnel_port} (ssh -R to {r.target})"
+        else:
+            server, server_name = haproxy_address(r.target_host, r.target_port), "remote"
+            description = r.target
+            if is_name(r.target_host):
+                server += " resolvers dns resolve-prefer ipv4 init-addr none"
+        listeners.append({
+            "name": r.name, "kind": r.kind, "port": r.port, "maxconn": r.max_connections,
+            "idle_timeout_min": r.idle_timeout_min, "server": server, "server_name": server_name,
+            "description": description,
+        })
+    return environment().get_template("haproxy-routes.cfg.j2").render(
+        hub_name=hub.name,
+        global_maxconn=min(GLOBAL_MAXCONN_CAP, sum(r.max_connections for r in hub.routes) + 100),
+        resolvers=any(r.kind == "forward" and is_name(r.target_host) for r in hub.routes),
+        dns_hold_valid_s=DNS_HOLD_VALID_S,
+        listeners=listeners,
+    )
+
+
+def _probe(route: Route) -> dict:
+    mode = route.probe_mode
+    probe: dict = {"mode": mode, "interval_s": route.probe.interval_s, "timeout_s": route.probe.timeout_s}
+    if mode == "mysql":
+        probe["check_user"] = route.probe.check_user
+    if mode == "tls":
+        if route.probe.server_name is not None:
+            probe["server_name"] = route.probe.server_name
+        elif route.kind == "tunnel" and is_name(route.target_host):
+            probe["server_name"] = route.target_host  # the check dials 127.0.0.1: send the real name
+    return probe
+
+
+def health_config(hub: Hub) -> dict:
+    """The health daemon's routes (``/etc/tunnelhub/health.json`` without ``config_version``,
+    which the reconciler adds when it writes the file)."""
+    routes = []
+    for r in hub.routes:
+        host, port = ("127.0.0.1", r.tunnel_port) if r.kind == "tunnel" else (r.target_host, r.target_port)
+        routes.append({"name": r.name, "kind": r.kind, "host": host, "port": port, "probe": _probe(r)})
+    return {"listen_address": "0.0.0.0", "port": hub.proxies.health_port, "routes": routes}
