@@ -105,6 +105,7 @@ ENABLE_ALL = ("systemctl enable --now --no-block haproxy.service tunnelhub-healt
               "tunnelhub-reconcile.service")
 RECONCILE_BOOT = "tunnelhub_reconcile.py --config /etc/tunnelhub/reconcile.json --boot"
 HAPROXY_CHECK = "haproxy -c -q -f /etc/haproxy/haproxy.cfg -f /etc/haproxy/tunnelhub-routes.cfg"
+RELOAD_SSHD = "systemctl try-reload-or-restart --no-block ssh.service"
 
 
 def slot_tags(cloud: FakeCloud, count: int = 2, addresses: str = "10.70.0.16,10.70.0.80") -> FakeCloud:
@@ -129,6 +130,7 @@ def test_azure_first_boot(tmp_path):
         HAPROXY_CHECK,
         "systemctl daemon-reload",
         ENABLE_ALL,
+        RELOAD_SSHD,  # sshd picks up the tunnel keys and PermitListen file only when it reloads
     ]
     # maintainer scripts could not start services while the package went in; the policy is gone after
     assert calls.count("policy-rc.d present: exit 101") == 2
@@ -164,7 +166,7 @@ def test_aws_first_boot_waits_for_the_slot_and_fetches_the_bucket_files(tmp_path
     apt = calls.index(f"apt-get {APT_OPTIONS} update")
     reconcile = calls.index(RECONCILE_BOOT)
     assert slot < files < apt < reconcile and slot < key  # no egress before the Elastic IP
-    assert box.foreground()[-1] == ENABLE_ALL
+    assert box.foreground()[-2:] == [ENABLE_ALL, RELOAD_SSHD]
 
 
 def test_aws_slot_count_and_addresses_come_from_the_instance_tags(tmp_path):
@@ -241,7 +243,7 @@ def test_package_install_is_retried_until_egress_comes_up(tmp_path):
     assert "installed haproxy (attempt 3)" in done.stdout
     assert "E: Could not connect to archive.ubuntu.com" in done.stdout  # apt's own words are logged
     assert elapsed >= 1.5
-    assert box.foreground()[-1] == ENABLE_ALL
+    assert box.foreground()[-2:] == [ENABLE_ALL, RELOAD_SSHD]
 
 
 def test_package_install_gives_up_at_its_deadline(tmp_path):
@@ -256,14 +258,37 @@ def test_package_install_gives_up_at_its_deadline(tmp_path):
     assert "FAILED steps: packages" in done.stdout
 
 
-def test_a_preinstalled_haproxy_is_reloaded_with_the_new_config(tmp_path):
+def test_a_preinstalled_haproxy_is_restarted_with_the_routes_file(tmp_path):
+    """An HAProxy the image already ran is restarted, not reloaded: HAProxy's master-worker reload
+    re-executes the master with its original arguments (HAProxy 2.6 management guide, "master-worker
+    mode": the master "re-executes itself" on SIGUSR2), which lack the routes file the drop-in adds
+    to ExecStart. Seen under real systemd (tests/boot): after a reload the worker ran
+    ``haproxy -sf 121 -x sockpair@3 -Ws -f /etc/haproxy/haproxy.cfg ...`` and no route listened."""
     box = Box(tmp_path, boot_json("weu", 0))
     box.set("installed", "")
     done, _ = box.run()
     assert done.returncode == 0
     calls = box.foreground()
     assert not any(c.startswith("apt-get") for c in calls)
-    assert calls[-2:] == [ENABLE_ALL, "systemctl reload-or-restart --no-block haproxy.service"]
+    assert calls[-3:] == [ENABLE_ALL, "systemctl restart --no-block haproxy.service", RELOAD_SSHD]
+
+
+def test_sshd_reloads_after_the_tunnel_keys_are_written(tmp_path):
+    """sshd's per-connection child gets the listener's configuration (OpenSSH sshd.c:
+    send_rexec_state/recv_rexec_state), so the tunnel user's authorized keys and PermitListen file
+    that the first apply writes count only after a reload. Seen under real systemd (tests/boot): the
+    host key step restarted sshd 0.2 s before the reconciler wrote the file, and every ``ssh -R``
+    failed with "remote port forwarding failed" until sshd was reloaded."""
+    box = Box(tmp_path, boot_json("weu", 0))
+    done, _ = box.run()
+    assert done.returncode == 0
+    calls = box.foreground()
+    assert calls.index(RECONCILE_BOOT) < calls.index(RELOAD_SSHD)
+    (tmp_path / "b").mkdir()
+    box2 = Box(tmp_path / "b", boot_json("weu", 0))
+    box2.set("tunnelhub_reconcile.py.rc", "1")
+    box2.run()
+    assert RELOAD_SSHD not in box2.calls()  # nothing written: nothing to reload
 
 
 def test_a_bad_haproxy_config_starts_only_the_reconciler(tmp_path):

@@ -18,7 +18,8 @@ Steps (each logged with its elapsed time; output lands in /var/log/cloud-init-ou
      HAProxy config;
   6. enable and start HAProxy, the health endpoint and the reconciler with ``systemctl enable
      --now --no-block`` (waiting for a start job from inside cloud-init's own boot job can
-     deadlock the boot). Without a document, only the reconciler starts: it starts the others
+     deadlock the boot); restart an HAProxy the image already ran (its master was started without
+     the routes file) and reload sshd (it only reads the tunnel user's files when it (re)starts). Without a document, only the reconciler starts: it starts the others
      (``reload-or-restart``) once it has applied one.
 Exit 0 when every step worked, 1 otherwise (``cloud-init status`` then reports the failure).
 Stdlib only.
@@ -203,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             failed.append("start services")
         if not units and not run(["systemctl", "enable", *cfg["units"]]):
             failed.append("enable services")
-        if units and preinstalled and not run(["systemctl", "reload-or-restart", "--no-block", "haproxy.service"]):
-            failed.append("reload haproxy")
+        # A preinstalled HAProxy runs without the routes file: a reload keeps its argv (test_userdata_boot).
+        if units and preinstalled and not run(["systemctl", "restart", "--no-block", "haproxy.service"]):
+            failed.append("restart haproxy")
+        # sshd reads the tunnel user's files only when it (re)starts (test_userdata_boot).
+        if configured and not run(["systemctl", "try-reload-or-restart", "--no-block", "ssh.service"]):
+            failed.append("reload sshd")
 
     try:
         code = fetch.wait(timeout=key["timeout_s"] + 120)
