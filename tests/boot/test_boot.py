@@ -186,9 +186,14 @@ def test_b01_every_proxy_boots_clean_from_the_synthesized_user_data(hub: BootHub
         assert (state, machine.failed_units()) == ("running", []), machine.journal("-p", "warning", "-n", "40")
         log = boot_log(hub, proxy)
         assert "haproxy already installed" in log, log[-2000:]
-        assert "done: data plane and health endpoint started, hub host key installed" in log, log[-3000:]
-        for unit in ("haproxy.service", "tunnelhub-health.service", "ssh.service"):
+        assert ("done: hub configuration applied, data plane, health endpoint and reconciler started, "
+                "hub host key installed") in log, log[-3000:]
+        for unit in ("haproxy.service", "tunnelhub-health.service", "tunnelhub-reconcile.service", "ssh.service"):
             assert machine.unit_property(unit, "ActiveState") == "active", unit
+        # The image's HAProxy ran before the drop-in existed: its master must have been restarted
+        # with the routes file, a reload would have kept the old argv (test_userdata_boot).
+        master = machine.run(["cat", f"/proc/{machine.unit_property('haproxy.service', 'MainPID')}/cmdline"])
+        assert "/etc/haproxy/tunnelhub-routes.cfg" in master.stdout.replace("\0", " "), master.stdout
         code, summary = hub.health_json(proxy, "/")
         assert code == 200 and summary["host_key"]["state"] == "installed", summary
         sshd = machine.run(["sshd", "-T"]).stdout
