@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import threading
 import time
 
 import pytest
@@ -425,6 +426,83 @@ def test_b05_scenario3_plain_tcp_probe_never_notices(hub: BootHub) -> None:
     assert ours == "DOWN"
     lab.wait_tunnel_listener("proxy1", timeout_s=RECOVERY_BOUND_S)
     hub.lbs[AZURE_HUB].wait_state(backend, "proxy1", "UP", timeout_s=4 * INTERVAL_S * THRESHOLD)
+
+
+# --------------------------------------------------------------------------------------------
+# 5b. A routine change reaches the running proxies in place (issue 14, under real systemd)
+# --------------------------------------------------------------------------------------------
+
+
+def test_b05b_routine_change_reaches_every_proxy_in_place(hub: BootHub) -> None:
+    """Issue 14 on booted machines: the route's ``max_connections`` and probe interval change in the
+    spec; synthesized and "applied" again, only the channels change in place (each Azure VM's
+    ``user_data``, read from IMDS; the hub bucket's ``config/hub-config.json``, read with the
+    instance profile), the bootstrap user data stays byte-identical (no VM replaced, no new launch
+    template version), and every proxy's reconciler (its real systemd unit) applies the document:
+    HAProxy reloads with the new ``maxconn``, the health endpoint reports the new version, a query
+    in flight through HAProxy across the reload finishes, and no new query fails meanwhile."""
+    from tunnelhub.changes import document_of, stack_reports
+
+    lab = hub.lab
+    before = hub.deployed
+    after = hub.synth_and_apply(route_extra={"max_connections": 900, "probe": {"interval_s": 3.0}})
+    reports = {h: stack_reports({h: before.stacks[h].stack}, {h: after.stacks[h].stack})[0]
+               for h in (AZURE_HUB, AWS_HUB)}
+    for name, report in reports.items():
+        assert report.live is not None and report.live.changed and report.live.routes_changed, report.lines()
+        assert report.proxies_replaced == [] and report.proxies_restarted == [], report.lines()
+    for proxy in AZURE_PROXIES:
+        _, vm_before = hub._vm(before.stacks[AZURE_HUB], AZURE_PROXIES.index(proxy))
+        _, vm_after = hub._vm(after.stacks[AZURE_HUB], AZURE_PROXIES.index(proxy))
+        assert vm_after["custom_data"] == vm_before["custom_data"], "the Azure bootstrap changed"
+    (_, lt_before), (_, lt_after) = before.stacks[AWS_HUB].one("aws_launch_template"), \
+        after.stacks[AWS_HUB].one("aws_launch_template")
+    assert lt_after["user_data"] == lt_before["user_data"], "the AWS bootstrap changed"
+    version = {h: document_of(after.stacks[h].stack)["version"] for h in (AZURE_HUB, AWS_HUB)}  # type: ignore[index]
+
+    assert lab.db is not None
+    long_query: list = []
+    in_flight = threading.Thread(target=lambda: long_query.append(query_once(
+        via_nic(hub, "proxy1", read_timeout_s=30), "SELECT SLEEP(6)")), daemon=True)
+    drivers = {h: QueryDriver(lab.endpoint(port=port), rate_hz=QUERY_RATE_HZ).start()
+               for h, port in ((AZURE_HUB, ROUTE_PORT), (AWS_HUB, AWS_LB_PORT))}
+    try:
+        in_flight.start()
+        time.sleep(0.5)
+        applied_at = time.monotonic()
+        updated = hub.apply_in_place(before, after)
+        converged: dict[str, float] = {}
+
+        def all_converged() -> bool:
+            for proxy in PROXIES:
+                if proxy not in converged:
+                    code, summary = hub.health_json(proxy, "/")
+                    want = version[AWS_HUB if proxy == AWS_PROXY else AZURE_HUB]
+                    if code == 200 and summary.get("config_version") == want:
+                        converged[proxy] = time.monotonic() - applied_at
+            return len(converged) == len(PROXIES)
+
+        wait_until(all_converged, timeout_s=60, interval_s=0.25, what="every proxy to apply the new document")
+        in_flight.join(timeout=30)
+        time.sleep(2)
+    finally:
+        results = {h: d.stop() for h, d in drivers.items()}
+    assert [u for u in updated if not u.startswith("s3://")] == [f"{p}: user_data" for p in AZURE_PROXIES], updated
+    objects = [u for u in updated if u.startswith("s3://")]
+    assert len(objects) == 1 and objects[0].endswith("/config/hub-config.json"), updated  # scripts unchanged
+    for proxy in PROXIES:
+        record("5b live change (booted)", f"{proxy}: channel updated -> new config version served", converged[proxy],
+               bound="<= 60 s", reference="bench/live_config.py (emulated): median 3.5-3.9 s")
+        routes = hub.machine(proxy).run(["cat", "/etc/haproxy/tunnelhub-routes.cfg"]).stdout
+        assert "maxconn 900" in routes, routes
+        assert hub.machine(proxy).unit_property("tunnelhub-reconcile.service", "ActiveState") == "active"
+    for name, got in results.items():
+        failed = sum(not r.ok for r in got)
+        record("5b live change (booted)", f"{name}: new queries failed across the change", pct(failed, len(got)),
+               unit="failed", bound="0")
+        assert got and failed == 0, summarize(got)
+    assert long_query and long_query[0].ok, long_query
+    record("5b live change (booted)", "proxy1: a 6 s query in flight across the HAProxy reload", "finished", unit="")
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,14 +93,16 @@ def boot_lab() -> Lab:
     return Lab(proxies=3, tunnel_user=TUNNEL_USER, links=links, routes=routes)
 
 
-def boot_spec(*, admin_key: str, db_address: str, tunnel_keys: dict[str, list[str]]) -> dict:
-    """The two hubs (spec defaults for probes and the LB: checks every 2 s, LB 5 s x 2)."""
+def boot_spec(*, admin_key: str, db_address: str, tunnel_keys: dict[str, list[str]],
+              route_extra: dict[str, Any] | None = None) -> dict:
+    """The two hubs (spec defaults for probes and the LB: checks every 2 s, LB 5 s x 2);
+    ``route_extra``: more settings of both hubs' route (a routine change)."""
     def hub(name: str, cloud: str, region: str, cidr: str, count: int, route: str, **extra: Any) -> dict:
         return {
             "name": name, "cloud": cloud, "region": region, "network": {"cidr": cidr},
             "proxies": {"count": count, "health_port": HEALTH_PORT, "admin_ssh_public_keys": [admin_key]},
             "routes": [{"name": route, "kind": "tunnel", "port": ROUTE_PORT, "target": f"{db_address}:3306",
-                        "type": "mysql"}],
+                        "type": "mysql", **(route_extra or {})}],
             "onprem": {"source_cidrs": [SOURCE_CIDR], "tunnel_public_keys": tunnel_keys.get(name, []),
                        "tunnel_user": TUNNEL_USER, **extra.pop("onprem", {})},
             **extra,
@@ -190,7 +192,7 @@ class BootHub:
             self._tls_keys[resource] = (path.read_text(), public)
         return self._tls_keys[resource]
 
-    def synth_and_apply(self) -> Deployment:
+    def synth_and_apply(self, *, route_extra: dict[str, Any] | None = None) -> Deployment:
         from tunnelhub.synth import synthesize
 
         lab = self.lab
@@ -198,7 +200,7 @@ class BootHub:
         n = len(self.deployments)
         spec_path = lab.path(f"boot-hub-{n}.yaml")
         spec_path.write_text(json.dumps(boot_spec(admin_key=admin_pub, db_address=lab.db_host,
-                                                  tunnel_keys=self.tunnel_keys), indent=2))
+                                                  tunnel_keys=self.tunnel_keys, route_extra=route_extra), indent=2))
         spec = load_spec(spec_path)
         out = lab.path(f"cdktf.out.{n}")
         started = time.monotonic()
@@ -292,12 +294,7 @@ class BootHub:
         azure_cert = self.ca.issue("keyvault", vault_names)
 
         region = aws.provider("aws").get("region", "us-east-1")
-        bucket_objects: dict[str, dict[str, str]] = {}
-        for name, body in aws.of_type("aws_s3_object").items():
-            if "source" in body:
-                raise LabError(f"aws_s3_object.{name} uploads a file (source=): the lab loads content/content_base64 only")
-            content = body.get("content_base64") or base64.b64encode(str(aws.resolve(body.get("content", ""))).encode()).decode()
-            bucket_objects.setdefault(aws.resolve(body["bucket"]), {})[aws.resolve(body["key"])] = content
+        bucket_objects = self.bucket_objects(aws)
         aws_names = [f"ssm.{region}.amazonaws.com", f"s3.{region}.amazonaws.com", f"sts.{region}.amazonaws.com",
                      *(f"{b}.s3.{region}.amazonaws.com" for b in bucket_objects)]
         aws_cert = self.ca.issue("aws", aws_names)
@@ -348,6 +345,38 @@ class BootHub:
             if time.monotonic() > deadline:
                 raise LabError(f"the fake cloud did not start in 60 s: {tail(lab.log_dir / 'fakecloud.log', 30)}")
             time.sleep(0.1)
+
+    @staticmethod
+    def bucket_objects(aws: AppliedStack) -> dict[str, dict[str, str]]:
+        """``{bucket: {key: base64 content}}`` of the stack's ``aws_s3_object`` resources."""
+        objects: dict[str, dict[str, str]] = {}
+        for name, body in aws.of_type("aws_s3_object").items():
+            if "source" in body:
+                raise LabError(f"aws_s3_object.{name} uploads a file (source=): the lab loads content/content_base64 only")
+            content = body.get("content_base64") or base64.b64encode(str(aws.resolve(body.get("content", ""))).encode()).decode()
+            objects.setdefault(aws.resolve(body["bucket"]), {})[aws.resolve(body["key"])] = content
+        return objects
+
+    def apply_in_place(self, before: Deployment, after: Deployment) -> list[str]:
+        """What ``terraform apply`` updates in place in the fake cloud: each Azure VM's ``user_data``
+        (IMDS serves the new value; the VM keeps running) and the changed objects of the AWS hub
+        bucket. Returns what was updated."""
+        updated = []
+        azure = after.stacks[AZURE_HUB]
+        for proxy in AZURE_PROXIES:
+            _, vm = self._vm(azure, AZURE_PROXIES.index(proxy))
+            user_data = azure.resolve(vm.get("user_data", ""))
+            if user_data != self.instances[proxy]["azure"]["compute"]["userData"]:
+                self.control("/userdata", {"instance": self.instances[proxy]["id"], "user_data": user_data})
+                self.instances[proxy]["azure"]["compute"]["userData"] = user_data
+                updated.append(f"{proxy}: user_data")
+        old_objects = self.bucket_objects(before.stacks[AWS_HUB])
+        for bucket, objects in self.bucket_objects(after.stacks[AWS_HUB]).items():
+            for key, content in objects.items():
+                if old_objects.get(bucket, {}).get(key) != content:
+                    self.control("/object", {"bucket": bucket, "key": key, "content": content})
+                    updated.append(f"s3://{bucket}/{key}")
+        return updated
 
     def _stop_cloud(self) -> None:
         process = self.cloud_process

@@ -28,7 +28,9 @@ Run by the boot lab inside the gateway namespace (the proxies' default route), a
 
 The TLS certificates come from the lab's CA; the names resolve to these addresses through each
 machine's ``/etc/hosts``. A control server on ``127.0.0.1`` (inside the same namespace) lets the
-lab read every request and refuse the Key Vault / SSM reads of one instance (``POST /refuse``):
+lab read every request, update what "terraform apply" of a changed stack updates in place (an
+Azure VM's ``user_data``: ``POST /userdata``; an object of the hub bucket: ``POST /object``) and
+refuse the Key Vault / SSM reads of one instance (``POST /refuse``):
 Key Vault then answers 403 as RBAC does, and IMDS hands out credentials of a role without
 ``ssm:GetParameter``, so moto itself answers ``AccessDeniedException``.
 """
@@ -68,6 +70,7 @@ class Cloud:
         self.azure_tokens: dict[str, str] = {}  # bearer token -> principal id
         self.role_credentials: dict[str, dict] = {}  # role name (or name + DENIED_SUFFIX) -> credentials
         self.lock = threading.Lock()
+        self.s3_admin: Any = None  # an S3 client with an IAM user's credentials (writes after auth is on)
 
     def log(self, **entry: Any) -> None:
         entry["t"] = time.time()
@@ -323,6 +326,17 @@ class ControlHandler(Handler):
                 else:
                     wanted.discard(body["what"])
             return self.send(200, {"refused": {k: sorted(v) for k, v in self.cloud.refused.items()}})
+        if self.path == "/userdata":  # Azure: the VM's user_data updated in place (no reboot, IMDS serves it)
+            for instance in self.cloud.config["instances"]:
+                if instance["id"] == body["instance"] and instance["cloud"] == "azure":
+                    instance["azure"]["compute"]["userData"] = body["user_data"]
+                    return self.send(200, {"updated": body["instance"]})
+            return self.send(404, "")
+        if self.path == "/object":  # AWS: an object of the hub bucket rewritten (a new ETag)
+            if self.cloud.s3_admin is None:
+                return self.send(404, "")
+            self.cloud.s3_admin.put_object(Bucket=body["bucket"], Key=body["key"], Body=base64.b64decode(body["content"]))
+            return self.send(200, {"updated": f"s3://{body['bucket']}/{body['key']}"})
         if self.path == "/tags":
             for instance in self.cloud.config["instances"]:
                 if instance["id"] == body["instance"]:
@@ -395,6 +409,15 @@ def start_moto(cloud: Cloud, aws: dict) -> None:
         s3.create_bucket(Bucket=bucket)
         for key, content in objects.items():
             s3.put_object(Bucket=bucket, Key=key, Body=base64.b64decode(content))
+    # The lab's own writes once signatures are checked ("terraform apply" of a changed object): an
+    # IAM user allowed everything, as the deployer is.
+    iam.create_user(UserName="lab-deployer")
+    iam.put_user_policy(UserName="lab-deployer", PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    deployer = iam.create_access_key(UserName="lab-deployer")["AccessKey"]
+    cloud.s3_admin = boto3.client("s3", region_name=aws["region"], endpoint_url=endpoint,
+                                  aws_access_key_id=deployer["AccessKeyId"],
+                                  aws_secret_access_key=deployer["SecretAccessKey"])
     settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on: SigV4 signatures and IAM policies checked
 
 
