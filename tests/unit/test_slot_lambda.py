@@ -14,6 +14,12 @@ What moto 5.2.5 models faithfully and what these tests add (see docs/aws-slots.m
     `exclusive_private_ips` refuses an IP another ENI holds (InvalidIPAddress.InUse).
   * AssociateAddress ignores PrivateIpAddress (the EIP maps to the ENI's primary IP) and leaves
     InstanceId empty when associating by ENI: tests assert on the request the handler sent.
+    It also keeps two EIPs on one address, where EC2 disassociates the address's existing EIP
+    ("If you associate an Elastic IP address with an instance that has an existing Elastic IP
+    address, the existing address is disassociated from the instance", EC2 User Guide, Elastic
+    IP addresses): `Lab.model_association` does that for every association, the handler's and
+    the tests' own (`Lab.associate`). The handler puts every slot's EIP on the primary address
+    (issue 13, defect 1), so a twin delivery's claim displaces the other twin's EIP.
   * moto's backend has no locks: the spy runs one moto call at a time (AWS's API calls are
     atomic) and the race is forced with a barrier between the pool read and the association.
 """
@@ -125,6 +131,7 @@ class Ec2Spy:
         self._record_lock = threading.Lock()
         self.calls: list[Call] = []
         self.hooks: dict[str, Any] = {}
+        self.after: dict[str, Any] = {}  # name -> fn(kwargs) after a successful call
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)
@@ -141,6 +148,8 @@ class Ec2Spy:
                 self._record(name, kwargs, err.response["Error"]["Code"])
                 raise
             self._record(name, kwargs, None)
+            if name in self.after:
+                self.after[name](kwargs)
             return result
 
         return call
@@ -165,6 +174,34 @@ class Lab:
     subnet_b: str
     pool: dict[int, str] = field(default_factory=dict)  # slot -> allocation id
     records: list[dict[str, Any]] = field(default_factory=list)
+    addressed: dict[str, tuple[str, str]] = field(default_factory=dict)  # allocation -> (ENI, private IP)
+
+    def primary_of(self, eni_id: str) -> str:
+        (eni,) = self.ec2.describe_network_interfaces(NetworkInterfaceIds=[eni_id])["NetworkInterfaces"]
+        return next(p["PrivateIpAddress"] for p in eni["PrivateIpAddresses"] if p.get("Primary"))
+
+    def model_association(self, kwargs: dict[str, Any]) -> None:
+        """After AssociateAddress: the private address it asked for (default: the primary) now
+        has this EIP only; an EIP that address had before is disassociated, as EC2 does."""
+        eni = kwargs["NetworkInterfaceId"]
+        target = (eni, kwargs.get("PrivateIpAddress") or self.primary_of(eni))
+        for allocation, where in list(self.addressed.items()):
+            if allocation == kwargs["AllocationId"] or where != target:
+                continue
+            del self.addressed[allocation]
+            (old,) = self.ec2.describe_addresses(AllocationIds=[allocation])["Addresses"]
+            if old.get("AssociationId") and old.get("NetworkInterfaceId") == eni:
+                self.ec2.disassociate_address(AssociationId=old["AssociationId"])
+        self.addressed[kwargs["AllocationId"]] = target
+
+    def associate(self, allocation_id: str, eni_id: str, private_ip: str | None = None) -> str:
+        """A test's own association (another launch, a twin delivery), modelled like the handler's."""
+        kwargs = {"AllocationId": allocation_id, "NetworkInterfaceId": eni_id}
+        if private_ip:
+            kwargs["PrivateIpAddress"] = private_ip
+        association = self.ec2.associate_address(**kwargs)["AssociationId"]
+        self.model_association(kwargs)
+        return association
 
     def allocate_pool(self, count: int, hub: str = HUB) -> dict[int, str]:
         for slot in range(count):
@@ -290,7 +327,9 @@ def lab(monkeypatch: pytest.MonkeyPatch) -> Any:
         # moto ignores LifecycleHookSpecificationList; declare the hook the way moto stores it.
         assert autoscaling.describe_lifecycle_hooks(AutoScalingGroupName=ASG)["LifecycleHooks"] == []
         autoscaling.put_lifecycle_hook(AutoScalingGroupName=ASG, **hook_spec)
-        yield Lab(ec2, autoscaling, Ec2Spy(ec2), subnet_a["SubnetId"], subnet_b["SubnetId"])
+        lab = Lab(ec2, autoscaling, Ec2Spy(ec2), subnet_a["SubnetId"], subnet_b["SubnetId"])
+        lab.spy.after["associate_address"] = lab.model_association
+        yield lab
 
 
 def private_plan(lab: Lab) -> dict[int, SlotAddress]:
@@ -384,7 +423,7 @@ def test_redelivery_after_a_crash_before_completion_resumes_the_held_slot(lab: L
     # GIVEN a first run that associated slot 1's EIP and died before tagging and completing
     lab.allocate_pool(3)
     instance_id, token = lab.launch()
-    lab.ec2.associate_address(AllocationId=lab.pool[1], NetworkInterfaceId=lab.eni(instance_id))
+    lab.associate(lab.pool[1], lab.eni(instance_id))
     # WHEN the event is delivered again
     record = lab.assigner().handle(launch_event(instance_id, token))
     # THEN it keeps slot 1, takes no other, tags and continues
@@ -516,7 +555,9 @@ def test_private_mode_takes_only_slots_of_the_instance_subnet(lab: Lab) -> None:
         "AllowReassignment": False,
     }
     (associate,) = lab.spy.named("associate_address")
-    assert associate.kwargs["PrivateIpAddress"] == "10.0.2.10"  # moto ignores it: see module doc
+    # the EIP goes on the primary address, the one the proxy egresses from (issue 13, defect 1;
+    # moto ignores PrivateIpAddress: see module doc)
+    assert associate.kwargs["PrivateIpAddress"] == lab.primary_of(lab.eni(instance_id)) != "10.0.2.10"
     assert associate.kwargs["AllowReassociation"] is False
     assert lab.slots_on(instance_id) == [1]
     assert lab.slot_tag(instance_id) == "1"
@@ -567,7 +608,7 @@ def test_private_ip_is_given_back_when_the_eip_was_taken_meanwhile(lab: Lab) -> 
     def steal_first(call: Any, kwargs: dict[str, Any]) -> Any:
         if not stolen["done"]:
             stolen["done"] = True
-            lab.ec2.associate_address(AllocationId=lab.pool[0], NetworkInterfaceId=stray)
+            lab.associate(lab.pool[0], stray)
         return call(**kwargs)
 
     lab.spy.hooks["associate_address"] = steal_first
@@ -583,14 +624,16 @@ def test_private_ip_is_given_back_when_the_eip_was_taken_meanwhile(lab: Lab) -> 
 
 
 def test_an_instance_holding_two_slots_keeps_the_lowest(lab: Lab) -> None:
-    # GIVEN two concurrent deliveries left the instance with slots 0 and 2 (subnet a)
+    # GIVEN two concurrent deliveries left the instance with slots 0 and 2 (subnet a): both
+    # private IPs, and slot 2's EIP on the primary address, where it displaced slot 0's
     lab.allocate_pool(4)
     plan = private_plan(lab)
     instance_id, token = lab.launch(lab.subnet_a)
     eni = lab.eni(instance_id)
     for slot in (0, 2):
         lab.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni, PrivateIpAddresses=[plan[slot].ip])
-        lab.ec2.associate_address(AllocationId=lab.pool[slot], NetworkInterfaceId=eni, PrivateIpAddress=plan[slot].ip)
+        lab.associate(lab.pool[slot], eni)
+    assert lab.slots_on(instance_id) == [2]
     # WHEN the event is handled
     record = lab.assigner(private_ips=plan).handle(launch_event(instance_id, token))
     # THEN slot 0 stays, slot 2's EIP and IP are given back
@@ -608,9 +651,7 @@ def test_a_twin_delivery_that_took_a_lower_slot_meanwhile_wins(lab: Lab) -> None
     plan = private_plan(lab)
     stray = lab.ec2.create_network_interface(SubnetId=lab.subnet_a)["NetworkInterface"]["NetworkInterfaceId"]
     lab.ec2.assign_private_ip_addresses(NetworkInterfaceId=stray, PrivateIpAddresses=["10.0.1.10"])
-    stray_association = lab.ec2.associate_address(
-        AllocationId=lab.pool[0], NetworkInterfaceId=stray, PrivateIpAddress="10.0.1.10"
-    )["AssociationId"]
+    stray_association = lab.associate(lab.pool[0], stray)
     instance_id, token = lab.launch(lab.subnet_a)
     reads = {"count": 0}
 
@@ -621,7 +662,7 @@ def test_a_twin_delivery_that_took_a_lower_slot_meanwhile_wins(lab: Lab) -> None
             lab.ec2.unassign_private_ip_addresses(NetworkInterfaceId=stray, PrivateIpAddresses=["10.0.1.10"])
             eni = lab.eni(instance_id)
             lab.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni, PrivateIpAddresses=["10.0.1.10"])
-            lab.ec2.associate_address(AllocationId=lab.pool[0], NetworkInterfaceId=eni, PrivateIpAddress="10.0.1.10")
+            lab.associate(lab.pool[0], eni)  # onto the primary address: slot 2's EIP is pushed off
         return call(**kwargs)
 
     lab.spy.hooks["describe_addresses"] = twin_moves_slot_0_here
@@ -633,6 +674,33 @@ def test_a_twin_delivery_that_took_a_lower_slot_meanwhile_wins(lab: Lab) -> None
     assert lab.eip(2).get("AssociationId") is None
     assert "10.0.1.11" not in lab.private_ips(instance_id)
     assert lab.slot_tag(instance_id) == "0"
+
+
+def test_a_twin_that_pushed_the_kept_slots_eip_off_gets_it_put_back(lab: Lab) -> None:
+    """Both twins' EIPs go on the one primary address, so the twin claiming a higher slot after
+    ours displaces our EIP (EC2: the address's existing EIP is disassociated). The settle step
+    keeps the lowest slot, releases the other and must associate the kept EIP again, or the
+    proxy waits for a public IPv4 that never comes."""
+    lab.allocate_pool(4)
+    plan = private_plan(lab)
+    instance_id, token = lab.launch(lab.subnet_a)
+    reads = {"count": 0}
+
+    def twin_claims_slot_2(call: Any, kwargs: dict[str, Any]) -> Any:
+        reads["count"] += 1
+        if reads["count"] == 2:  # the settle step's read, after our claim of slot 0
+            eni = lab.eni(instance_id)
+            lab.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni, PrivateIpAddresses=[plan[2].ip])
+            lab.associate(lab.pool[2], eni)
+        return call(**kwargs)
+
+    lab.spy.hooks["describe_addresses"] = twin_claims_slot_2
+    record = lab.assigner(private_ips=plan).handle(launch_event(instance_id, token))
+    assert (record["decision"], record["slot"], record["released"]) == ("assigned", 0, [2])
+    assert lab.slots_on(instance_id) == [0]
+    assert lab.eip(2).get("AssociationId") is None
+    assert plan[2].ip not in lab.private_ips(instance_id) and plan[0].ip in lab.private_ips(instance_id)
+    assert [c.kwargs["AllocationId"] for c in lab.spy.named("associate_address")] == [lab.pool[0], lab.pool[0]]
 
 
 def test_a_tagged_slot_whose_eip_looks_free_is_taken_again(lab: Lab) -> None:

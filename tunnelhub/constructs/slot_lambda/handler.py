@@ -1,8 +1,9 @@
 """Slot Lambda: give each proxy the hub's Auto Scaling group launches a free, stable slot.
 
 A slot is the stable identity of one proxy: an Elastic IP from the hub's pool (each EIP tagged
-POOL_TAG_KEY=HUB and SLOT_TAG_KEY=<n>) and, in private-address mode, a fixed secondary private
-IP in a given subnet. EventBridge delivers "EC2 Instance-launch Lifecycle Action" events here
+POOL_TAG_KEY=HUB and SLOT_TAG_KEY=<n>), associated with the instance's primary private address
+(its egress), and, in private-address mode, a fixed secondary private IP in a given subnet (the
+NLB's target). EventBridge delivers "EC2 Instance-launch Lifecycle Action" events here
 while the instance waits in Pending:Wait; the handler takes a free slot, tags the instance
 SLOT_TAG_KEY=<n> and completes the lifecycle action with CONTINUE, or with ABANDON when no slot
 is free. Design, error policy and the exact IAM actions: docs/aws-slots.md.
@@ -558,7 +559,16 @@ class SlotAssigner:
         )
 
     def _take(self, eip: PoolEip, instance: InstanceView, *, rollback: bool) -> PoolEip:
-        """Make `eip`'s slot this instance's: private IP on its ENI, then the EIP on that IP.
+        """Make `eip`'s slot this instance's: the slot's private IP on its ENI (what the NLB's
+        route target groups register), then the EIP on the ENI's **primary** address.
+
+        The EIP goes on the primary address because that is the address the proxy egresses from:
+        an internet gateway translates only a private address that has an EIP ("a one-to-one NAT
+        ... for instances that have been assigned public IPv4 addresses", VPC user guide, Internet
+        gateways), and the OS picks the primary address as the source (the secondary is a /32 the
+        proxy adds: tunnelhub_aws_slot.configure_address). IMDS ``public-ipv4`` also shows only the
+        primary address's public IP, which the proxy waits for. An EIP on the secondary address
+        left every proxy without egress (issue 13, defect 1).
 
         Raises SlotTaken when another instance holds either; with `rollback`, a private IP
         assigned by this call is given back first.
@@ -569,7 +579,7 @@ class SlotAssigner:
         mine = bool(eip.association_id) and (eip.eni_id == instance.eni_id or eip.instance_id == instance.instance_id)
         if eip.association_id and not mine:
             raise SlotTaken(eip.slot, "Resource.AlreadyAssociated")
-        target_ip = address.ip if address else instance.primary_ip
+        target_ip = instance.primary_ip
         assigned_here = False
         if address and address.ip not in instance.private_ips:
             try:
@@ -595,7 +605,7 @@ class SlotAssigner:
                 raise
             if rollback and assigned_here:
                 self.ec2.unassign_private_ip_addresses(
-                    NetworkInterfaceId=instance.eni_id, PrivateIpAddresses=[target_ip]
+                    NetworkInterfaceId=instance.eni_id, PrivateIpAddresses=[address.ip]
                 )
             raise SlotTaken(eip.slot, _error_code(err)) from None
         return dataclasses.replace(
@@ -616,7 +626,20 @@ class SlotAssigner:
         held = set(held_slots(pool, fresh, self.config.private_ips)) | {claimed.slot}
         keep = min(held)
         released = [self._release(by_slot[s], fresh) for s in sorted(held - {keep})]
-        return by_slot[keep], released
+        if not released:
+            return by_slot[keep], released
+        # Every slot's EIP goes on the one primary address, and EC2 disassociates the EIP an
+        # address already has when another is associated with it ("If you associate an Elastic
+        # IP address with an instance that has an existing Elastic IP address, the existing
+        # address is disassociated", EC2 User Guide, Elastic IP addresses): the twin's claim may
+        # have pushed the kept slot's EIP off. Put it back (a no-op when it is still there).
+        pool, _ = self._read_pool()
+        current = {eip.slot: eip for eip in pool}.get(keep, by_slot[keep])
+        try:
+            kept = self._take(current, self._describe_instance(instance.instance_id), rollback=False)
+        except SlotTaken as exc:
+            raise SlotUnsettled(f"this instance keeps slot {keep} but {exc}") from None
+        return kept, released
 
     def _release(self, eip: PoolEip, instance: InstanceView) -> int:
         """Give back one extra slot this instance holds (its EIP and its private IP)."""
@@ -685,13 +708,16 @@ class SlotAssigner:
 
     # -- logging
 
-    @staticmethod
-    def _slot_fields(eip: PoolEip) -> dict[str, Any]:
+    def _slot_fields(self, eip: PoolEip) -> dict[str, Any]:
+        """``private_ip``: the slot's fixed address (the NLB target) when it has one;
+        ``eip_private_ip``: the address the EIP is on (the primary, the proxy's egress)."""
+        address = self.config.private_ips.get(eip.slot)
         return {
             "slot": eip.slot,
             "public_ip": eip.public_ip,
             "allocation_id": eip.allocation_id,
-            "private_ip": eip.private_ip,
+            "private_ip": address.ip if address else eip.private_ip,
+            "eip_private_ip": eip.private_ip,
         }
 
     def _decide(self, level: str, decision: str, base: Mapping[str, Any], **fields: Any) -> dict[str, Any]:

@@ -4,11 +4,13 @@
     tunnelhub_aws_slot.py --count 2 [--require-public-ipv4] [--private-ips 10.70.0.16,10.70.0.17]
 
 The instance boots while its lifecycle hook holds it in Pending:Wait. The Lambda tags it
-``tunnelhub:slot=<n>``, associates the slot's Elastic IP and assigns the
-slot's fixed secondary private IP (what the NLB's route target groups register) to the primary interface. This script waits (bounded, progress
+``tunnelhub:slot=<n>``, associates the slot's Elastic IP with the primary private address (the
+one this proxy egresses from) and assigns the slot's fixed secondary private IP (what the NLB's
+route target groups register) to the primary interface. This script waits (bounded, progress
 logged) for the tag in the instance metadata (the launch template must enable instance metadata
-tags), then for the public IPv4 when the proxy egresses from its Elastic IP (nothing can be
-installed before), then for the secondary IP; it configures that address on the interface when
+tags), then for the public IPv4 (IMDS ``public-ipv4``: the primary address's Elastic IP) when the
+proxy egresses from it (nothing can be installed before), then for the secondary IP; it
+configures that address on the interface when
 the OS has not (now with ``ip``, and persistently with a netplan drop-in), and writes the slot
 number to --state-file. Exit 0 on success, 1 on timeout or error. Stdlib only.
 """
