@@ -40,7 +40,8 @@ class HubStack(TerraformStack):
     ``hub`` (the resolved spec), ``cloud_provider`` (azurerm or aws), ``tls_provider``, and, when
     the hub has a ``databricks`` section, ``databricks_account`` / ``databricks_workspace``.
     ``hub_construct`` is the cloud hub construct (``AzureHub`` or ``AwsHub``) once built, for the Databricks
-    wiring to read its documented attributes.
+    wiring to read its documented attributes. The providers' version constraints come from
+    :data:`tunnelhub.providers.PROVIDER_VERSIONS`, not from the bindings.
     """
 
     def __init__(self, scope: Construct, hub: S.Hub):

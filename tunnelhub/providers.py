@@ -4,8 +4,8 @@
 
 The prebuilt bindings (``cdktf-cdktf-provider-*`` in pyproject.toml) write the exact provider
 version they were generated from (databricks 1.99.0, ...). The bindings only shape the JSON, so
-the stacks may run on any later release of the same major: each entry is a tested floor and the
-next major as ceiling, in Terraform's constraint syntax. ``terraform init`` picks the newest
+the stacks may run on any later release of the same major: each entry is a floor (the release
+checked against, or the first with a fix the stacks need) and the next major as ceiling, in Terraform's constraint syntax. ``terraform init`` picks the newest
 release that fits (or the one ``.terraform.lock.hcl`` pins).
 """
 
