@@ -22,14 +22,15 @@ from cdktf import (
 from constructs import Construct
 
 from tunnelhub import spec as S
+from tunnelhub.providers import PROVIDER_VERSIONS, pin_provider_versions
 
 if TYPE_CHECKING:
     from tunnelhub.constructs.databricks_link import EndpointTarget
 
 DATABRICKS_ACCOUNT_ALIAS = "account"
 DATABRICKS_WORKSPACE_ALIAS = "workspace"
-AZAPI_PROVIDER_VERSION = "~> 2.4"
-TIME_PROVIDER_VERSION = "~> 0.12"
+AZAPI_PROVIDER_VERSION = PROVIDER_VERSIONS["azapi"]
+TIME_PROVIDER_VERSION = PROVIDER_VERSIONS["time"]
 
 
 class HubStack(TerraformStack):
@@ -39,7 +40,8 @@ class HubStack(TerraformStack):
     ``hub`` (the resolved spec), ``cloud_provider`` (azurerm or aws), ``tls_provider``, and, when
     the hub has a ``databricks`` section, ``databricks_account`` / ``databricks_workspace``.
     ``hub_construct`` is the cloud hub construct (``AzureHub`` or ``AwsHub``) once built, for the Databricks
-    wiring to read its documented attributes.
+    wiring to read its documented attributes. The providers' version constraints come from
+    :data:`tunnelhub.providers.PROVIDER_VERSIONS`, not from the bindings.
     """
 
     def __init__(self, scope: Construct, hub: S.Hub):
@@ -63,6 +65,7 @@ class HubStack(TerraformStack):
             value=[{k: v for k, v in row.items() if v is not None} for row in hub.port_plan()],
             description="Routes of this hub: frontend port, tunnel port, target, domain, probe.",
         )
+        pin_provider_versions(self)  # after every provider exists: the one version table
 
 
 def _configure_backend(stack: TerraformStack, hub: S.Hub) -> None:

@@ -49,6 +49,11 @@ DATABRICKS_ACCOUNT_HOST = {
     "aws": "https://accounts.cloud.databricks.com",
 }
 WORKSPACE_HOST_SUFFIX = {"azure": ".azuredatabricks.net", "aws": ".cloud.databricks.com"}
+MAX_ENDPOINT_RULE_DOMAINS = 10
+"""Domain names one NCC private endpoint rule may carry ("Each private endpoint rule for private
+connectivity to resources in your VPC supports up to 10 domain names", Databricks docs,
+security/network/serverless-network-security/pl-to-internal-network, Requirements). The hub's one
+rule carries every distinct route domain, so a serverless hub has at most this many."""
 DEFAULT_EGRESS = {"azure": "nat_gateway", "aws": "slot_eip"}
 ALLOWED_EGRESS = {"azure": ("nat_gateway", "none"), "aws": ("slot_eip", "nat_gateway")}
 
@@ -1335,6 +1340,15 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
             if name in conn_names:
                 issue(cp + ("name",), f"connection names must be unique; connections[{conn_names[name]}] already uses it", name)
             conn_names.setdefault(name, k)
+        if db.serverless_enabled:
+            suffix = hub.domain_suffix or f"{hub.name}.{DEFAULT_DOMAIN_ROOT}"
+            domains = list(dict.fromkeys(_route_domain(r, suffix) for r in hub.routes))
+            if len(domains) > MAX_ENDPOINT_RULE_DOMAINS:
+                issue(("routes",), f"the hub's routes have {len(domains)} distinct domains, but its Databricks "
+                      f"private endpoint rule carries at most {MAX_ENDPOINT_RULE_DOMAINS} domain names (Databricks "
+                      "limit per rule): give routes to the same host one shared routes[].domain (routes on "
+                      "different ports can share a name), or move routes to another hub",
+                      len(domains))
         if db.network_policy is not None and not db.serverless_enabled:
             issue(dp + ("network_policy",), "warning: a network policy restricts serverless egress, but "
                   "serverless_enabled is false, so serverless compute cannot reach this hub")
@@ -1366,10 +1380,17 @@ def _resolve_hub(hub: Hub) -> Hub:
             taken.add(port)
             update["tunnel_port"] = port
         if r.domain is None:
-            host = r.target_host
-            if r.kind == "forward" and is_valid_domain(host.lower()):
-                update["domain"] = host.lower()
-            else:
-                update["domain"] = f"{r.name}.{suffix}"
+            update["domain"] = _route_domain(r, suffix)
         routes.append(r.model_copy(update=update) if update else r)
     return hub.model_copy(update={"routes": routes, "domain_suffix": suffix})
+
+
+def _route_domain(route: Route, suffix: str) -> str:
+    """The route's domain: its own, else a forward route's target host name, else
+    ``<route>.<suffix>``."""
+    if route.domain is not None:
+        return route.domain
+    host = route.target_host
+    if route.kind == "forward" and is_valid_domain(host.lower()):
+        return host.lower()
+    return f"{route.name}.{suffix}"

@@ -279,9 +279,13 @@ def test_aws_accepter_accepts_the_rules_vpc_endpoint_on_the_endpoint_service(aws
 
 
 def test_approval_providers_are_pinned_in_required_providers(azure, aws):
-    assert azure.json["terraform"]["required_providers"]["azapi"] == {"source": "Azure/azapi", "version": "~> 2.4"}
+    from tunnelhub.providers import PROVIDER_VERSIONS
+
+    azapi = {"source": "Azure/azapi", "version": PROVIDER_VERSIONS["azapi"]}
+    assert azure.json["terraform"]["required_providers"]["azapi"] == azapi
     for s in (azure, aws):
-        assert s.json["terraform"]["required_providers"]["time"] == {"source": "hashicorp/time", "version": "~> 0.12"}
+        time = {"source": "hashicorp/time", "version": PROVIDER_VERSIONS["time"]}
+        assert s.json["terraform"]["required_providers"]["time"] == time
     assert "azapi" not in aws.json["terraform"]["required_providers"]
 
 

@@ -455,6 +455,35 @@ def test_databricks_ids():
     assert "must be the workspace URL" in spec_errors(azure_hub(databricks=_databricks(host="adb-1.azuredatabricks.net")))
 
 
+def _tunnel_routes(count: int, **route) -> list[dict]:
+    return [{"name": f"db{k:02d}", "kind": "tunnel", "port": 3300 + k, "target": f"db{k:02d}.corp.example:3306",
+             **route} for k in range(count)]
+
+
+def test_serverless_hub_has_at_most_ten_route_domains():
+    """Databricks docs (security/network/serverless-network-security/pl-to-internal-network,
+    Requirements): "Each private endpoint rule for private connectivity to resources in your VPC
+    supports up to 10 domain names". The hub's one NCC rule carries every distinct route domain, so
+    an 11th fails at apply: it is refused here, naming the field, the limit, the count and the fix."""
+    message = spec_errors(azure_hub(routes=_tunnel_routes(11), databricks=_databricks()))
+    assert "routes = 11: the hub's routes have 11 distinct domains" in message
+    assert "carries at most 10 domain names" in message and "shared routes[].domain" in message
+    assert load_hubs(azure_hub(routes=_tunnel_routes(10), databricks=_databricks()))  # 10 is allowed
+
+
+def test_route_domain_limit_counts_distinct_resolved_domains():
+    """Routes sharing a domain count once; a forward route counts its target host (its derived
+    domain); without serverless_enabled there is no rule and no limit."""
+    shared = _tunnel_routes(10) + [{"name": "db10", "kind": "tunnel", "port": 3310, "target": "db00.corp.example:1433",
+                                    "domain": "db00.weu.tunnelhub.internal"}]
+    assert len({r.domain for r in load_hubs(azure_hub(routes=shared, databricks=_databricks())).hubs[0].routes}) == 10
+    forward = _tunnel_routes(10) + [{"name": "aoai", "kind": "forward", "port": 443,
+                                     "target": "contoso-aoai.openai.azure.com:443"}]
+    aws = aws_hub(routes=forward, databricks=_databricks(host="https://dbc-1234567.cloud.databricks.com"))
+    assert "the hub's routes have 11 distinct domains" in spec_errors(aws)
+    assert load_hubs(azure_hub(routes=_tunnel_routes(11), databricks=_databricks(serverless_enabled=False)))
+
+
 def test_classic_network_id_per_cloud():
     hub = aws_hub(databricks=_databricks(host="https://dbc-1234567.cloud.databricks.com",
                                          classic={"network_id": "vnet-1", "cidrs": ["10.80.0.0/16"]}))
