@@ -1,7 +1,7 @@
 """The Azure hub stack: every resource issue 4 lists, read from the synthesized Terraform JSON.
 
 GIVEN the example spec's ``weu`` hub (synthesized once per session by the ``example`` fixture)
-and three variants of it (each synthesized once), WHEN the stack is built, THEN the JSON holds
+and four variants of it (each synthesized once), WHEN the stack is built, THEN the JSON holds
 exactly the resources and properties the hub needs, no private key material, and a spec change
 touches only the resources it should.
 """
