@@ -99,7 +99,9 @@ def boot_spec(*, admin_key: str, db_address: str, tunnel_keys: dict[str, list[st
     ``route_extra``: more settings of both hubs' route (a routine change)."""
     def hub(name: str, cloud: str, region: str, cidr: str, count: int, route: str, **extra: Any) -> dict:
         return {
-            "name": name, "cloud": cloud, "region": region, "network": {"cidr": cidr, **({"onprem_path": {"hub_vnet_id": HUB_VNET_ID}} if cloud == "azure" else {})},
+            "name": name, "cloud": cloud, "region": region, "network": {"cidr": cidr,
+                                                                    **({"onprem_path": {"hub_vnet_id": HUB_VNET_ID}}
+                                                                       if cloud == "azure" else {})},
             "proxies": {"count": count, "health_port": HEALTH_PORT, "admin_ssh_public_keys": [admin_key]},
             "routes": [{"name": route, "kind": "tunnel", "port": ROUTE_PORT, "target": f"{db_address}:3306",
                         "type": "mysql", **(route_extra or {})}],
