@@ -12,13 +12,17 @@ from tunnelhub.spec import SpecError, SpecFile, validate_text
 TUNNEL_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9TnaTPCfkVHI4enHIB/o1Z2+M6vNsVV5AK6J06BCGO tunnel@test"
 ADMIN_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIP+AblpMjOtzFvfeyo3AcFmgH6jHTRl1IJn/pxPRZBhL admin@test"
 
+HUB_VNET_ID = ("/subscriptions/11111111-2222-3333-4444-555555555555/resourceGroups/connectivity-rg/providers/"
+               "Microsoft.Network/virtualNetworks/hub-vnet")
+"""The connectivity VNet (ExpressRoute/VPN gateway) a new Azure hub VNet peers with."""
+
 
 def azure_hub(**overrides: Any) -> dict[str, Any]:
     hub: dict[str, Any] = {
         "name": "weu",
         "cloud": "azure",
         "region": "westeurope",
-        "network": {"cidr": "10.60.0.0/24"},
+        "network": {"cidr": "10.60.0.0/24", "onprem_path": {"hub_vnet_id": HUB_VNET_ID}},
         "routes": [
             {"name": "orders-mysql", "kind": "tunnel", "port": 3306, "target": "orders-db.corp.example:3306", "type": "mysql"},
             {"name": "billing-pg", "kind": "tunnel", "port": 5432, "target": "192.168.20.15:5432", "type": "postgresql"},

@@ -241,6 +241,18 @@ class AzureNetworkId:
     subnet_name: str | None
 
 
+_AZURE_VIRTUAL_HUB_ID_RE = re.compile(
+    r"^/subscriptions/(?P<subscription>[^/]+)/resourceGroups/(?P<group>[^/]+)/providers/"
+    r"Microsoft\.Network/virtualHubs/(?P<hub>[^/]+)$",
+    re.IGNORECASE,
+)
+
+
+def is_azure_virtual_hub_id(resource_id: str) -> bool:
+    """``/subscriptions/<s>/resourceGroups/<g>/providers/Microsoft.Network/virtualHubs/<h>`` (a Virtual WAN hub)."""
+    return _AZURE_VIRTUAL_HUB_ID_RE.match(resource_id) is not None
+
+
 def parse_azure_network_id(resource_id: str) -> AzureNetworkId | None:
     """Split ``/subscriptions/<s>/resourceGroups/<g>/providers/Microsoft.Network/virtualNetworks/<v>[/subnets/<n>]``."""
     m = _AZURE_NETWORK_ID_RE.match(resource_id)
@@ -481,11 +493,34 @@ class AwsExistingNetwork(_Model):
     """Private subnets, one per zone, for the internal NLB."""
 
 
+class OnPremPath(_Model):
+    """How a new Azure hub VNet reaches on-prem: peering to the VNet that holds the customer's
+    ExpressRoute/VPN gateway (gateway transit), or a connection to a Virtual WAN hub. Give
+    exactly one of ``hub_vnet_id`` or ``virtual_hub_id``."""
+
+    hub_vnet_id: AzureResourceId | None = None
+    """The connectivity hub VNet with the ExpressRoute/VPN gateway: the stack peers both ways,
+    the hub VNet's half with allow_gateway_transit, ours with use_remote_gateways."""
+    use_remote_gateways: bool = True
+    """hub_vnet_id: route to on-prem through the remote VNet's gateway (it must have one). false:
+    the hub VNet forwards on-prem traffic itself (a firewall/NVA you route with UDRs)."""
+    remote_peering_enabled: bool = True
+    """hub_vnet_id: create the hub VNet's half too (needs rights there, and the stack's
+    subscription); false: you create it, with allow_gateway_transit, before our half applies."""
+    virtual_hub_id: AzureResourceId | None = None
+    """A Virtual WAN hub with the ExpressRoute/VPN gateway: the stack connects the VNet to it."""
+    internet_security_enabled: bool = False
+    """virtual_hub_id: send the VNet's internet traffic through the hub's secured route (Azure
+    Firewall Manager); off by default, as the hub's own egress is ``network.egress``."""
+
+
 class Network(_Model):
     """The hub network: a new VNet/VPC from ``cidr``, or an existing one."""
 
     cidr: Cidr | None = None
     existing_vnet: AzureExistingNetwork | None = None
+    onprem_path: OnPremPath | None = None
+    """Azure: how the VNet reaches on-prem (required with ``cidr``; an existing VNet already routes)."""
     existing_vpc: AwsExistingNetwork | None = None
     egress: Literal["nat_gateway", "slot_eip", "none"] | None = None
     """How proxies reach the internet (packages at boot, forward routes). Azure: nat_gateway
@@ -1238,6 +1273,47 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
                     shape = ".../virtualNetworks/<vnet>" + ("" if key == "vnet_id" else "/subnets/<subnet>")
                     issue(("network", "existing_vnet", key), f"must be a Microsoft.Network id ending in {shape}",
                           getattr(existing, key))
+
+    # the on-prem path (Azure: a new VNet is isolated until peered or connected)
+    path = net.onprem_path
+    pp = ("network", "onprem_path")
+    if hub.cloud == "aws" and path is not None:
+        issue(pp, "onprem_path is for Azure hubs; an AWS hub reaches on-prem through the slots' Elastic IPs or "
+              "your Direct Connect/VPN routes to the VPC")
+    elif hub.cloud == "azure" and path is None and net.cidr is not None:
+        issue(pp, "a new VNet (network.cidr) has no route to on-prem, so the tunnel host cannot reach the "
+              "proxies: add onprem_path with hub_vnet_id (the VNet holding your ExpressRoute/VPN gateway) or "
+              "virtual_hub_id (your Virtual WAN hub), or use network.existing_vnet (a VNet that already routes)")
+    elif hub.cloud == "azure" and path is not None:
+        forms = [k for k in ("hub_vnet_id", "virtual_hub_id") if getattr(path, k) is not None]
+        if len(forms) != 1:
+            issue(pp, "give exactly one of hub_vnet_id (peering to the VNet with your ExpressRoute/VPN gateway) "
+                  f"or virtual_hub_id (a Virtual WAN hub connection); given: {', '.join(forms) or 'none'}")
+        if path.virtual_hub_id is not None:
+            if not is_azure_virtual_hub_id(path.virtual_hub_id):
+                issue(pp + ("virtual_hub_id",), "must be a Virtual WAN hub id ending in "
+                      ".../Microsoft.Network/virtualHubs/<hub>", path.virtual_hub_id)
+            for key in sorted({"use_remote_gateways", "remote_peering_enabled"} & path.model_fields_set):
+                issue(pp + (key,), f"{key} applies to the hub_vnet_id peering only; a Virtual WAN hub "
+                      "connection routes through the hub's gateways: remove it")
+        if path.hub_vnet_id is not None:
+            if path.internet_security_enabled:
+                issue(pp + ("internet_security_enabled",), "internet_security_enabled applies to a Virtual WAN "
+                      "hub connection (virtual_hub_id) only: remove it", True)
+            remote = parse_azure_network_id(path.hub_vnet_id)
+            if remote is None or remote.subnet_name is not None:
+                issue(pp + ("hub_vnet_id",), "must be the hub VNet's resource id, ending in "
+                      ".../Microsoft.Network/virtualNetworks/<vnet>", path.hub_vnet_id)
+            else:
+                own = hub.azure.subscription_id if hub.azure is not None else None
+                if path.remote_peering_enabled and own is not None and own != remote.subscription_id:
+                    issue(pp + ("remote_peering_enabled",), f"the hub VNet is in subscription "
+                          f"{remote.subscription_id} but the hub deploys to {own}; the stack cannot create the "
+                          "hub VNet's peering there: set remote_peering_enabled: false and create that half "
+                          "(allow_gateway_transit: true) with rights in that subscription", True)
+                if net.existing_vnet is not None and path.hub_vnet_id.lower() == net.existing_vnet.vnet_id.lower():
+                    issue(pp + ("hub_vnet_id",), "this is the hub's own VNet (existing_vnet.vnet_id): a VNet cannot "
+                          "peer with itself; remove onprem_path (the VNet already routes)", path.hub_vnet_id)
 
     # on-prem
     op = hub.onprem

@@ -1,7 +1,7 @@
 """The Azure hub stack: every resource issue 4 lists, read from the synthesized Terraform JSON.
 
 GIVEN the example spec's ``weu`` hub (synthesized once per session by the ``example`` fixture)
-and three variants of it (each synthesized once), WHEN the stack is built, THEN the JSON holds
+and four variants of it (each synthesized once), WHEN the stack is built, THEN the JSON holds
 exactly the resources and properties the hub needs, no private key material, and a spec change
 touches only the resources it should.
 """
@@ -123,6 +123,16 @@ def alternative(hub: dict) -> dict:
         "pls_visibility_subscription_ids": [WORKSPACE_SUB],
         "pls_auto_approval_subscription_ids": [WORKSPACE_SUB],
     })
+    return hub
+
+
+VIRTUAL_HUB_ID = (f"/subscriptions/{WORKSPACE_SUB}/resourceGroups/vwan-rg/providers/Microsoft.Network/"
+                  "virtualHubs/vhub-weu")
+
+
+def with_virtual_wan(hub: dict) -> dict:
+    """The on-prem path through a Virtual WAN hub (in another subscription) instead of peering."""
+    hub["network"]["onprem_path"] = {"virtual_hub_id": VIRTUAL_HUB_ID}
     return hub
 
 
@@ -385,6 +395,57 @@ def test_peering_both_halves_with_the_workspace_vnet(weu, hub):
     assert '"11111111-2222-3333-4444-555555555555"' in pre["condition"]
 
 
+def test_onprem_path_peers_both_ways_with_gateway_transit_remote_half_first(weu, hub):
+    """A new VNet reaches on-prem only once peered with the VNet holding the ExpressRoute/VPN
+    gateway: that VNet's half allows gateway transit, ours uses the remote gateways and accepts
+    forwarded traffic (azurerm 4.55.0 website/docs/r/virtual_network_peering.html.markdown:
+    ``use_remote_gateways`` takes effect when "``allow_gateway_transit`` on the remote peering is
+    also ``true``"; learn.microsoft.com/azure/vpn-gateway/vpn-gateway-peering-gateway-transit).
+    Azure rejects ours while the remote half lacks AllowGatewayTransit
+    (hashicorp/terraform-provider-azurerm#2872: "Peering-to-Gateway cannot have UseRemoteGateways
+    flag set to true, because corresponding remote peering has AllowGatewayTransit flag set to
+    false"), so ours depends on it. The provider creates a peering in the stack's subscription
+    (virtual_network_peering_resource.go@v4.55.0: ``NewVirtualNetworkPeeringID(subscriptionId``
+    from the client account), hence the precondition on the remote half."""
+    vnet_name = next(iter(of_type(weu, "azurerm_virtual_network")))
+    remote_vnet = hub.network.onprem_path.hub_vnet_id
+    ours_name, ours = by_path(weu, "azurerm_virtual_network_peering", "/onprem_path/hub_to_onprem_hub")
+    theirs_name, theirs = by_path(weu, "azurerm_virtual_network_peering", "/onprem_path/onprem_hub_to_hub")
+    flags = ("allow_virtual_network_access", "allow_forwarded_traffic", "allow_gateway_transit", "use_remote_gateways")
+    assert ours["virtual_network_name"] == ref("azurerm_virtual_network", vnet_name, "name")
+    assert ours["remote_virtual_network_id"] == remote_vnet
+    assert tuple(ours[f] for f in flags) == (True, True, False, True)
+    assert (theirs["resource_group_name"], theirs["virtual_network_name"]) == ("connectivity-weu-rg", "hub-weu-vnet")
+    assert theirs["remote_virtual_network_id"] == ref("azurerm_virtual_network", vnet_name, "id")
+    assert tuple(theirs[f] for f in flags) == (True, False, True, False)
+    assert ours["depends_on"] == [f"azurerm_virtual_network_peering.{theirs_name}"]
+    (pre,) = theirs["lifecycle"]["precondition"]
+    assert '"11111111-2222-3333-4444-555555555555"' in pre["condition"]
+    assert "onprem_path.remote_peering_enabled: false" in pre["error_message"]
+    # Only one peering of a VNet may use remote gateways (the same provider doc).
+    assert [n for n, b in of_type(weu, "azurerm_virtual_network_peering").items() if b["use_remote_gateways"]] == [ours_name]
+    assert not of_type(weu, "azurerm_virtual_hub_connection")
+
+
+def test_onprem_path_through_a_virtual_wan_hub_is_one_hub_connection(synth_spec):
+    """The Virtual WAN form: one ``azurerm_virtual_hub_connection`` of the hub VNet to the vWAN
+    hub, no peering to on-prem (azurerm 4.55.0 website/docs/r/virtual_hub_connection.html.markdown:
+    ``virtual_hub_id``, ``remote_virtual_network_id``, ``internet_security_enabled`` defaults to
+    false). The connection is created under the vWAN hub's own id, so a hub in another subscription
+    works (virtual_hub_connection_resource.go@v4.55.0: ``NewHubVirtualNetworkConnectionID(
+    virtualHubId.SubscriptionId, ...``)."""
+    stack = synth_spec(text=spec_text(with_virtual_wan(example_hub_dict()))).stack(STACK)
+    vnet_name = next(iter(of_type(stack, "azurerm_virtual_network")))
+    _, conn = one(stack, "azurerm_virtual_hub_connection")
+    assert conn["virtual_hub_id"] == VIRTUAL_HUB_ID
+    assert conn["remote_virtual_network_id"] == ref("azurerm_virtual_network", vnet_name, "id")
+    assert conn["internet_security_enabled"] is False
+    assert conn["name"] == "weu-tunnelhub"
+    peerings = of_type(stack, "azurerm_virtual_network_peering").values()
+    assert sorted(p["//"]["metadata"]["path"].rsplit("/", 1)[1] for p in peerings) == ["hub_to_workspace",
+                                                                                       "workspace_to_hub"]
+
+
 def test_outputs_and_tags(weu):
     outputs = weu["output"]
     assert set(outputs) == OUTPUTS
@@ -466,7 +527,9 @@ ECDSA_KEY = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTY
      r"set remote_peering_enabled: false")),
     (lambda h: h["proxies"].update(admin_ssh_public_keys=[ECDSA_KEY]),
      r"proxies\.admin_ssh_public_keys\[0\] = 'ecdsa-sha2-nistp256': Azure VMs accept only ssh-ed25519 and ssh-rsa"),
-], ids=["remote-peering-in-another-subscription", "ecdsa-admin-key"])
+    (lambda h: h["network"].pop("onprem_path"),
+     r"network\.onprem_path: a new VNet \(network\.cidr\) has no route to on-prem.*add onprem_path with hub_vnet_id"),
+], ids=["remote-peering-in-another-subscription", "ecdsa-admin-key", "new-vnet-without-onprem-path"])
 def test_what_azure_cannot_build_is_a_spec_error_before_any_output(tmp_path, change, message):
     from tunnelhub.synth import synthesize
 

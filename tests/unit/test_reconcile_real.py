@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import spec_text
+from tests.helpers import HUB_VNET_ID, spec_text
 from tunnelhub.spec import validate_text
 from tunnelhub.userdata import document as D
 from tunnelhub.userdata import layout as L
@@ -93,7 +93,8 @@ class Echo:
 
 def hub_data(port_a: int, tunnel_a: int, **onprem) -> dict:
     return {
-        "name": "real", "cloud": "azure", "region": "westeurope", "network": {"cidr": "10.60.0.0/24"},
+        "name": "real", "cloud": "azure", "region": "westeurope", "network": {"cidr": "10.60.0.0/24",
+                                                                      "onprem_path": {"hub_vnet_id": HUB_VNET_ID}},
         "proxies": {"health_port": free_port()},
         "routes": [{"name": "ra", "kind": "tunnel", "port": port_a, "target": "db.corp.example:3306",
                     "tunnel_port": tunnel_a, "probe": {"mode": "connect"}}],

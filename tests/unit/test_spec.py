@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import ADMIN_KEY, aws_hub, azure_hub, load_hubs, mutated, spec_errors, spec_text
+from tests.helpers import ADMIN_KEY, HUB_VNET_ID, aws_hub, azure_hub, load_hubs, mutated, spec_errors, spec_text
 from tunnelhub.spec import SpecError, load_spec, validate_spec, validate_text
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hubs.yaml"
+ONPREM_PATH = {"onprem_path": {"hub_vnet_id": HUB_VNET_ID}}
 
 
 # ------------------------------------------------------------------ the example and defaults
@@ -52,7 +53,7 @@ def test_explicit_false_and_zero_like_values_survive():
     hub = load_hubs(aws_hub(onprem={"source_cidrs": ["203.0.113.0/28"], "private_circuit": True},
                             network={"cidr": "10.70.0.0/24", "availability_zones": ["us-east-1a", "us-east-1b"]})).hubs[0]
     assert hub.private_circuit is True
-    az = load_hubs(azure_hub(network={"cidr": "10.60.0.0/24", "availability_zones": []})).hubs[0]
+    az = load_hubs(azure_hub(network={**ONPREM_PATH, "cidr": "10.60.0.0/24", "availability_zones": []})).hubs[0]
     assert az.zones == []
 
 
@@ -128,7 +129,7 @@ def test_bad_hub_names(name):
 
 
 def test_duplicate_hub_names():
-    assert "hub names must be unique" in spec_errors(azure_hub(), azure_hub(network={"cidr": "10.61.0.0/24"}))
+    assert "hub names must be unique" in spec_errors(azure_hub(), azure_hub(network={**ONPREM_PATH, "cidr": "10.61.0.0/24"}))
 
 
 def test_route_names_unique():
@@ -253,12 +254,12 @@ def test_network_policy_domains_allow_leading_wildcard_only():
     ("8.8.8.0/24", "must use a private range"),
 ])
 def test_bad_hub_cidrs(cidr, fragment):
-    assert fragment in spec_errors(azure_hub(network={"cidr": cidr}))
+    assert fragment in spec_errors(azure_hub(network={**ONPREM_PATH, "cidr": cidr}))
 
 
 def test_network_needs_exactly_one_source():
     assert "give exactly one of cidr" in spec_errors(azure_hub(network={}))
-    both = azure_hub(network={"cidr": "10.60.0.0/24", "existing_vnet": _existing_vnet()})
+    both = azure_hub(network={**ONPREM_PATH, "cidr": "10.60.0.0/24", "existing_vnet": _existing_vnet()})
     assert "given: cidr, existing_vnet" in spec_errors(both)
 
 
@@ -298,7 +299,7 @@ def test_hubs_must_not_overlap_each_other():
 
 
 def test_proxy_count_must_fit_the_subnet():
-    message = spec_errors(azure_hub(network={"cidr": "10.60.0.0/26"}, proxies={"count": 12}))
+    message = spec_errors(azure_hub(network={**ONPREM_PATH, "cidr": "10.60.0.0/26"}, proxies={"count": 12}))
     assert "room for 10 proxies" in message and "proxies.count is 12" in message
 
 
@@ -313,12 +314,12 @@ def test_aws_slot_addresses_spread_over_zones():
 
 
 def test_egress_choices_per_cloud():
-    assert "azure hubs allow egress: nat_gateway or none" in spec_errors(azure_hub(network={"cidr": "10.60.0.0/24", "egress": "slot_eip"}))
+    assert "azure hubs allow egress: nat_gateway or none" in spec_errors(azure_hub(network={**ONPREM_PATH, "cidr": "10.60.0.0/24", "egress": "slot_eip"}))
     assert "aws hubs allow egress: slot_eip or nat_gateway" in spec_errors(aws_hub(network={"cidr": "10.70.0.0/24", "egress": "none"}))
 
 
 def test_zones():
-    assert "Azure zones are '1', '2' and '3'" in spec_errors(azure_hub(network={"cidr": "10.60.0.0/24", "availability_zones": ["4"]}))
+    assert "Azure zones are '1', '2' and '3'" in spec_errors(azure_hub(network={**ONPREM_PATH, "cidr": "10.60.0.0/24", "availability_zones": ["4"]}))
     assert "like us-east-1a" in spec_errors(aws_hub(network={"cidr": "10.70.0.0/24", "availability_zones": ["eu-west-1a", "us-east-1b"]}))
     assert "at least two zones" in spec_errors(aws_hub(network={"cidr": "10.70.0.0/24", "availability_zones": ["us-east-1a"]}))
 
@@ -594,6 +595,82 @@ def test_workspace_side_peering_in_another_subscription():
     assert any("get no private DNS zone on the classic network" in w.message for w in report.warnings)
 
 
+# ------------------------------------------------------------------ the on-prem path (Azure)
+
+_VHUB_ID = "/subscriptions/99999999-8888-7777-6666-555555555555/resourceGroups/vwan/providers/Microsoft.Network/virtualHubs/vh"
+
+
+def _with_path(**path) -> dict:
+    return azure_hub(network={"cidr": "10.60.0.0/24", "onprem_path": path})
+
+
+def test_a_new_vnet_needs_an_onprem_path_an_existing_one_does_not():
+    """A new VNet is isolated: Azure routes a VNet to on-prem only through a gateway it has, one
+    a peered VNet shares (gateway transit, learn.microsoft.com/azure/vpn-gateway/
+    vpn-gateway-peering-gateway-transit: "Routes to the gateway-connected virtual networks or
+    on-premises networks propagate to the routing tables for the peered virtual networks using
+    gateway transit") or a Virtual WAN hub connection; an existing VNet already has its routes."""
+    message = spec_errors(azure_hub(network={"cidr": "10.60.0.0/24"}))
+    assert ("network.onprem_path: a new VNet (network.cidr) has no route to on-prem, so the tunnel host cannot "
+            "reach the proxies: add onprem_path with hub_vnet_id") in message
+    assert "or virtual_hub_id (your Virtual WAN hub), or use network.existing_vnet" in message
+    assert load_hubs(azure_hub(network={"existing_vnet": _existing_vnet()})).hubs[0].network.onprem_path is None
+    path = load_hubs(azure_hub()).hubs[0].network.onprem_path
+    assert (path.hub_vnet_id, path.use_remote_gateways, path.remote_peering_enabled) == (HUB_VNET_ID, True, True)
+    assert "onprem_path is for Azure hubs" in spec_errors(aws_hub(network={"cidr": "10.70.0.0/24", **ONPREM_PATH}))
+
+
+@pytest.mark.parametrize("path, fragment", [
+    ({}, "network.onprem_path: give exactly one of hub_vnet_id (peering to the VNet with your ExpressRoute/VPN "
+         "gateway) or virtual_hub_id (a Virtual WAN hub connection); given: none"),
+    ({"hub_vnet_id": HUB_VNET_ID, "virtual_hub_id": _VHUB_ID}, "given: hub_vnet_id, virtual_hub_id"),
+    ({"hub_vnet_id": HUB_VNET_ID + "/subnets/GatewaySubnet"},
+     "onprem_path.hub_vnet_id = '/subscriptions/1111"),
+    ({"hub_vnet_id": HUB_VNET_ID + "/subnets/GatewaySubnet"},
+     "must be the hub VNet's resource id, ending in .../Microsoft.Network/virtualNetworks/<vnet>"),
+    ({"virtual_hub_id": HUB_VNET_ID}, "onprem_path.virtual_hub_id = '/subscriptions/1111"),
+    ({"virtual_hub_id": HUB_VNET_ID}, "must be a Virtual WAN hub id ending in .../Microsoft.Network/virtualHubs/<hub>"),
+    ({"virtual_hub_id": _VHUB_ID, "use_remote_gateways": True},
+     "onprem_path.use_remote_gateways: use_remote_gateways applies to the hub_vnet_id peering only"),
+    ({"hub_vnet_id": HUB_VNET_ID, "internet_security_enabled": True},
+     "internet_security_enabled applies to a Virtual WAN hub connection (virtual_hub_id) only"),
+    ({"hub_vnet_id": "not-an-id"}, "must be an Azure resource id"),
+], ids=["neither", "both", "subnet-id", "subnet-id-shape", "vnet-as-vhub", "vnet-as-vhub-shape",
+        "peering-flag-on-vwan", "vwan-flag-on-peering", "not-an-id"])
+def test_onprem_path_forms_and_id_shapes(path, fragment):
+    """Exactly one form; each id of its own resource type: ``remote_virtual_network_id`` is a
+    VNet id, ``virtual_hub_id`` a Virtual WAN hub id (azurerm 4.55.0 website/docs/r/
+    virtual_network_peering.html.markdown, virtual_hub_connection.html.markdown); the gateway
+    flags belong to the peering, ``internet_security_enabled`` to the hub connection."""
+    assert fragment in spec_errors(_with_path(**path))
+
+
+def test_onprem_hub_vnet_peering_in_another_subscription():
+    """The provider creates a peering in the stack's subscription
+    (internal/services/network/virtual_network_peering_resource.go@v4.55.0 builds the id from the
+    client's ``Account.SubscriptionId``), so the remote half in another subscription is the
+    user's to create, as for the Databricks workspace peering; a Virtual WAN hub connection is
+    created under the hub's own id (virtual_hub_connection_resource.go@v4.55.0), so it may be
+    anywhere."""
+    other = HUB_VNET_ID.replace("11111111-2222-3333-4444-555555555555", "99999999-8888-7777-6666-555555555555")
+    settings = {"subscription_id": "11111111-2222-3333-4444-555555555555"}
+    hub = azure_hub(azure=settings, network={"cidr": "10.60.0.0/24", "onprem_path": {"hub_vnet_id": other}})
+    assert ("network.onprem_path.remote_peering_enabled = true: the hub VNet is in subscription "
+            "99999999-8888-7777-6666-555555555555 but the hub deploys to 11111111-2222-3333-4444-555555555555"
+            ) in spec_errors(hub)
+    assert "set remote_peering_enabled: false and create that half (allow_gateway_transit: true)" in spec_errors(hub)
+    hub["network"]["onprem_path"]["remote_peering_enabled"] = False
+    assert load_hubs(hub).hubs[0].network.onprem_path.remote_peering_enabled is False
+    assert load_hubs(azure_hub(azure=settings, network={"cidr": "10.60.0.0/24",
+                                                        "onprem_path": {"virtual_hub_id": _VHUB_ID}}))
+
+
+def test_an_existing_vnet_cannot_peer_with_itself():
+    vnet = _existing_vnet()
+    hub = azure_hub(network={"existing_vnet": vnet, "onprem_path": {"hub_vnet_id": vnet["vnet_id"]}})
+    assert "a VNet cannot peer with itself; remove onprem_path" in spec_errors(hub)
+
+
 def test_network_policy_name():
     hub = azure_hub(databricks=_databricks(network_policy={"name": "weu egress policy"}))
     assert "network_policy.name = 'weu egress policy': Databricks network policy ids" in spec_errors(hub)
@@ -622,6 +699,6 @@ def test_foreign_catalog_database_per_type():
 
 def test_two_serverless_hubs_on_one_workspace_warn():
     report = validate_text(spec_text(azure_hub(databricks=_databricks()),
-                                     azure_hub(name="weu2", network={"cidr": "10.61.0.0/24"}, databricks=_databricks())),
+                                     azure_hub(name="weu2", network={**ONPREM_PATH, "cidr": "10.61.0.0/24"}, databricks=_databricks())),
                            "t.yaml")
     assert any("also binds its NCC to this workspace" in w.message for w in report.warnings)

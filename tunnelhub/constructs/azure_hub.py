@@ -19,6 +19,9 @@ What one :class:`AzureHub` creates (the ``cloud: azure`` half of a hub stack):
   ``tunnelhub-config-version`` its version, so a plan shows a routine change as an in-place update;
 - the internal Standard LB: one HTTP probe (``/routes/<name>`` on the health port) and one TCP
   rule per route; the Private Link Service on its frontend;
+- the on-prem path (``network.onprem_path``): the peering pair with the customer's connectivity
+  VNet (gateway transit: the hub VNet's half allows it, ours uses the remote gateways), or a
+  Virtual WAN hub connection;
 - the peering with the Databricks workspace VNet when ``databricks.classic`` is set;
 - the stack outputs the on-prem builder and the Databricks wiring read.
 
@@ -67,6 +70,7 @@ from cdktf_cdktf_provider_azurerm.subnet_nat_gateway_association import SubnetNa
 from cdktf_cdktf_provider_azurerm.subnet_network_security_group_association import (
     SubnetNetworkSecurityGroupAssociation,
 )
+from cdktf_cdktf_provider_azurerm.virtual_hub_connection import VirtualHubConnection
 from cdktf_cdktf_provider_azurerm.virtual_network import VirtualNetwork
 from cdktf_cdktf_provider_azurerm.virtual_network_peering import VirtualNetworkPeering
 from cdktf_cdktf_provider_tls.private_key import PrivateKey
@@ -155,6 +159,8 @@ class AzureHub(Construct):
         host_key_secret, admin_keys = self._identity()  # sets host_public_key
         pool = self._load_balancer()  # sets lb_frontend_ip, pls_id, pls_alias
         self._proxies(pool, host_key_secret, admin_keys, boot_prerequisites)  # sets proxy_private_ips
+        if hub.network.onprem_path is not None:
+            self._onprem_path(hub.network.onprem_path)
         if hub.databricks is not None and hub.databricks.classic is not None:
             self._peering(hub.databricks.classic)
         self._outputs()
@@ -577,6 +583,71 @@ class AzureHub(Construct):
                 principal_type="ServicePrincipal",
                 description=f"{name} reads the hub SSH host key at boot.",
             )
+
+    # -- on-prem path -----------------------------------------------------------------------
+
+    def _onprem_path(self, path: S.OnPremPath) -> None:
+        """The route from the tunnel host to the proxies' private addresses: the new VNet is
+        isolated until it is peered with the VNet holding the ExpressRoute/VPN gateway (gateway
+        transit) or connected to a Virtual WAN hub. Azure advertises the hub VNet's range to
+        on-prem over that gateway; the NSG admits SSH from ``onprem.source_cidrs`` only."""
+        hub = self._hub
+        scope = Construct(self, "onprem_path")
+        if path.virtual_hub_id is not None:
+            VirtualHubConnection(
+                scope,
+                "virtual_hub_connection",
+                name=f"{hub.name}-tunnelhub",
+                virtual_hub_id=path.virtual_hub_id,
+                remote_virtual_network_id=self.vnet_id,
+                internet_security_enabled=path.internet_security_enabled,
+            )
+            return
+        assert path.hub_vnet_id is not None  # exactly one form: checked in the spec
+        remote = S.parse_azure_network_id(path.hub_vnet_id)
+        assert remote is not None  # checked in the spec
+        transit = path.use_remote_gateways
+        depends_on = []
+        if path.remote_peering_enabled:
+            depends_on.append(VirtualNetworkPeering(
+                scope,
+                "onprem_hub_to_hub",
+                name=f"to-tunnelhub-{hub.name}",
+                resource_group_name=remote.resource_group,
+                virtual_network_name=remote.vnet_name,
+                remote_virtual_network_id=self.vnet_id,
+                allow_virtual_network_access=True,
+                allow_forwarded_traffic=False,  # the proxies forward nothing into the hub VNet
+                allow_gateway_transit=transit,
+                use_remote_gateways=False,
+                # The provider creates it in the stack's subscription: refuse to plan a wrong one.
+                lifecycle=TerraformResourceLifecycle(
+                    precondition=[
+                        Precondition(
+                            condition=Op.eq(Fn.lower(self._client.subscription_id), remote.subscription_id),
+                            error_message=(
+                                f"The on-prem hub VNet is in subscription {remote.subscription_id}, not the one "
+                                "this stack deploys to: set network.onprem_path.remote_peering_enabled: false "
+                                "and create that VNet's peering (allow_gateway_transit) there."
+                            ),
+                        )
+                    ]
+                ),
+            ))
+        VirtualNetworkPeering(
+            scope,
+            "hub_to_onprem_hub",
+            name=f"{hub.name}-to-onprem-hub",
+            resource_group_name=self._vnet_group,
+            virtual_network_name=self.vnet_name,
+            remote_virtual_network_id=path.hub_vnet_id,
+            allow_virtual_network_access=True,
+            allow_forwarded_traffic=True,  # on-prem traffic arrives forwarded by the remote gateway/NVA
+            allow_gateway_transit=False,
+            use_remote_gateways=transit,
+            # Azure rejects UseRemoteGateways while the remote half lacks AllowGatewayTransit.
+            depends_on=depends_on or None,
+        )
 
     # -- peering ----------------------------------------------------------------------------
 

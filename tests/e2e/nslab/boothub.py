@@ -49,7 +49,7 @@ from tunnelhub.spec import Hub, load_spec
 
 from .haproxy import Haproxy, LbRoute
 from .health import probe
-from .hub import HEALTH_PORT, HUB_CIDR, ROUTE_PORT, SOURCE_CIDR, SOURCE_DATE_EPOCH, TUNNEL_USER, proxy_ips
+from .hub import HEALTH_PORT, HUB_CIDR, HUB_VNET_ID, ROUTE_PORT, SOURCE_CIDR, SOURCE_DATE_EPOCH, TUNNEL_USER, proxy_ips
 from .lab import Lab
 from .machine import Machine, overlay_mounts_under
 from .netns import LinkSpec, RouteSpec, hub_links, in_netns
@@ -99,7 +99,9 @@ def boot_spec(*, admin_key: str, db_address: str, tunnel_keys: dict[str, list[st
     ``route_extra``: more settings of both hubs' route (a routine change)."""
     def hub(name: str, cloud: str, region: str, cidr: str, count: int, route: str, **extra: Any) -> dict:
         return {
-            "name": name, "cloud": cloud, "region": region, "network": {"cidr": cidr},
+            "name": name, "cloud": cloud, "region": region, "network": {"cidr": cidr,
+                                                                    **({"onprem_path": {"hub_vnet_id": HUB_VNET_ID}}
+                                                                       if cloud == "azure" else {})},
             "proxies": {"count": count, "health_port": HEALTH_PORT, "admin_ssh_public_keys": [admin_key]},
             "routes": [{"name": route, "kind": "tunnel", "port": ROUTE_PORT, "target": f"{db_address}:3306",
                         "type": "mysql", **(route_extra or {})}],

@@ -69,6 +69,8 @@ from .unit import ServiceRunner, UnitCommand, load_unit
 
 HUB_NAME = "nslab"  # package tunnelhub-nslab (not "lab": /var/lib/tunnelhub-lab is the lab's own base)
 HUB_CIDR = "10.60.0.0/24"
+HUB_VNET_ID = ("/subscriptions/11111111-2222-3333-4444-555555555555/resourceGroups/connectivity-rg/providers/"
+               "Microsoft.Network/virtualNetworks/hub-vnet")  # network.onprem_path: the lab peers with it (on paper)
 SOURCE_CIDR = "192.168.10.0/24"
 TUNNEL_USER = "thtunnel"  # the spec's onprem.tunnel_user, created on this machine while the lab runs
 ROUTE_NAME = "labdb"
@@ -96,7 +98,7 @@ def hub_spec_data(*, tunnel_public_key: str, admin_public_key: str, db_address: 
         "name": HUB_NAME,
         "cloud": "azure",
         "region": "westeurope",
-        "network": {"cidr": HUB_CIDR},
+        "network": {"cidr": HUB_CIDR, "onprem_path": {"hub_vnet_id": HUB_VNET_ID}},
         "proxies": {"count": proxies, "health_port": HEALTH_PORT,
                     "admin_ssh_public_keys": [admin_public_key]},
         "routes": [{"name": ROUTE_NAME, "kind": "tunnel", "port": ROUTE_PORT,
