@@ -216,6 +216,10 @@ def _add_aws_hub(stack: HubStack, hub: S.Hub) -> None:
         "config_version": (aws.config_version, (
             "Version of the hub configuration document the proxies apply live (GET / on a proxy's health port).")),
     }
+    if aws.classic_peering_id is not None:
+        outputs["classic_peering_id"] = (aws.classic_peering_id, (
+            "VPC peering connection to the Databricks classic VPC (pcx-...). Without "
+            "databricks.classic.remote_peering_enabled its owner accepts it and routes the NLB subnets to it."))
     for name, (value, description) in outputs.items():
         TerraformOutput(stack, name, value=value, description=description)
 

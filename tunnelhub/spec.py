@@ -491,6 +491,10 @@ class AwsExistingNetwork(_Model):
     """Public subnets (route to an internet gateway), one per zone, for the proxies."""
     nlb_subnets: list[AwsSubnet] = Field(min_length=2)
     """Private subnets, one per zone, for the internal NLB."""
+    nlb_route_table_ids: list[str] = []
+    """The route tables of the NLB subnets: with ``databricks.classic`` the stack adds to each a
+    route to the classic CIDRs through the peering (the NLB answers classic clients from these
+    subnets). Empty: the stack adds no hub-side route (you add them) and no classic DNS zone."""
 
 
 class OnPremPath(_Model):
@@ -575,11 +579,14 @@ class ClassicCompute(_Model):
     cidrs: list[Cidr] = Field(min_length=1)
     """Its address ranges (allowed to reach the route ports)."""
     aws_account_id: AwsAccountId | None = None
-    """AWS: the VPC owner's account (default: the hub's account)."""
+    """AWS: the VPC owner's account when it is not the hub's (set it only then). The peering
+    request names it as peer owner; that account accepts it and adds the routes to the hub."""
     aws_route_table_ids: list[str] = []
-    """AWS: route tables of the workspace VPC that get a route to the hub."""
+    """AWS: route tables of the workspace VPC (those of the cluster subnets) that get a route to the
+    hub's NLB subnets through the peering. Required with remote_peering_enabled (same account)."""
     remote_peering_enabled: bool = True
-    """Create the workspace-side half of the peering too (needs rights on that network)."""
+    """Create the workspace-side half of the peering too (needs rights on that network). AWS:
+    accept the peering and add the routes in aws_route_table_ids (same account only)."""
 
 
 class NetworkPolicy(_Model):
@@ -1187,6 +1194,10 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
             for k, sub in enumerate(getattr(net.existing_vpc, key)):
                 if not sub.cidr.subnet_of(net.existing_vpc.vpc_cidr):
                     issue(("network", "existing_vpc", key, k, "cidr"), f"not inside the VPC CIDR {net.existing_vpc.vpc_cidr}", str(sub.cidr))
+        for k, rt in enumerate(net.existing_vpc.nlb_route_table_ids):
+            if not re.match(r"^rtb-[0-9a-f]{8,17}$", rt):
+                issue(("network", "existing_vpc", "nlb_route_table_ids", k), "must be a route table id like "
+                      "rtb-0123456789abcdef0", rt)
     if net.existing_vnet is not None and not net.existing_vnet.proxy_subnet_id.startswith(net.existing_vnet.vnet_id + "/subnets/"):
         issue(("network", "existing_vnet", "proxy_subnet_id"), "the proxy subnet must belong to existing_vnet.vnet_id",
               net.existing_vnet.proxy_subnet_id)
@@ -1363,12 +1374,33 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
                 for k, rt in enumerate(cl.aws_route_table_ids):
                     if not re.match(r"^rtb-[0-9a-f]{8,17}$", rt):
                         issue(dp + ("classic", "aws_route_table_ids", k), "must be a route table id like rtb-0123456789abcdef0", rt)
+                # The peering is requested from the hub VPC; only the workspace VPC's owner can accept
+                # it (auto_accept needs the same account and region) and route to it.
+                if cl.remote_peering_enabled and cl.aws_account_id is not None:
+                    issue(dp + ("classic", "remote_peering_enabled"), f"the workspace VPC is in account "
+                          f"{cl.aws_account_id}, not the hub's: the stack cannot accept the peering or add routes "
+                          "there; set remote_peering_enabled: false, then accept the peering (stack output "
+                          "classic_peering_id) and add the routes in that account", True)
+                elif cl.remote_peering_enabled and not cl.aws_route_table_ids:
+                    issue(dp + ("classic", "aws_route_table_ids"), "classic compute needs a route to the hub: list "
+                          "the route tables of the workspace VPC's cluster subnets (rtb-...), or set "
+                          "remote_peering_enabled: false and add the routes to the hub's NLB subnets yourself")
+                elif not cl.remote_peering_enabled and cl.aws_route_table_ids:
+                    issue(dp + ("classic", "aws_route_table_ids"), "these routes are the workspace side of the "
+                          "peering, which remote_peering_enabled: false leaves to you: remove them, or enable it "
+                          "(same account only)")
+                if net.existing_vpc is not None and not net.existing_vpc.nlb_route_table_ids:
+                    issue(("network", "existing_vpc", "nlb_route_table_ids"), "warning: the stack adds no route "
+                          "from the NLB subnets to databricks.classic.cidrs, so classic compute gets no reply until "
+                          "you add them (to the peering, stack output classic_peering_id), and no private DNS "
+                          "zone: list the NLB subnets' route tables here to have both")
             for k, c in enumerate(cl.cidrs):
                 for hc in hub.hub_cidrs():
                     if c.overlaps(hc):
                         issue(dp + ("classic", "cidrs", k), f"overlaps the hub network {hc}; peered networks must not "
                               "overlap", str(c))
             if not cl.remote_peering_enabled or (hub.cloud == "aws" and cl.aws_account_id is not None):
+                # (AWS, existing VPC without nlb_route_table_ids: its own warning above.)
                 issue(dp + ("classic",), "warning: the route domains get no private DNS zone on the classic "
                       "network (the stack cannot attach one to a network it does not peer from both sides, or to "
                       "another account's VPC): classic compute must use the load balancer address, or you add "

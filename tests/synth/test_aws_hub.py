@@ -71,6 +71,40 @@ def variants(synth_spec):
     return synth_spec(text=variants_text())
 
 
+CLASSIC_DATABRICKS = {
+    "account_id": "0d2f1a6e-4b7c-4e2a-9c1d-3f5e6a7b8c9d",
+    "workspace_host": "https://dbc-3456789012345678.cloud.databricks.com",
+}
+
+
+def classic_hubs() -> list[dict]:
+    """Databricks classic beyond the example's same-account new VPC: ``xac``, the workspace VPC
+    in another account (NAT egress, so the NLB subnets use the internet table); ``exc``, an
+    existing hub VPC whose NLB route tables are given, same account."""
+    xac = aws_hub(
+        name="xac", region="us-east-2", network={"cidr": "10.91.0.0/24", "egress": "nat_gateway"},
+        onprem={"source_cidrs": ["172.16.0.0/16"], "tunnel_public_keys": [TUNNEL_KEY], "private_circuit": True},
+        databricks={**CLASSIC_DATABRICKS, "workspace_id": "3456789012345678", "classic": {
+            "network_id": "vpc-0c1c2c3c4c5c6c7c8", "cidrs": ["10.81.0.0/16", "10.82.0.0/16"],
+            "aws_account_id": "210987654321", "remote_peering_enabled": False}},
+    )
+    exc = aws_hub(
+        name="exc", region="us-west-2",
+        network={"existing_vpc": {**EXISTING_VPC, "nlb_route_table_ids": ["rtb-0ccccccccccccccc1", "rtb-0ccccccccccccccc2"]}},
+        databricks={**CLASSIC_DATABRICKS, "workspace_id": "4567890123456789", "serverless_enabled": False, "classic": {
+            "network_id": "vpc-0d1d2d3d4d5d6d7d8", "cidrs": ["10.83.0.0/16"],
+            "aws_route_table_ids": ["rtb-0ddddddddddddddd1", "rtb-0ddddddddddddddd2"]}},
+    )
+    return [xac, exc]
+
+
+@pytest.fixture(scope="session")
+def classic(synth_spec):
+    synthesized = synth_spec(text=spec_text(*classic_hubs()))
+    spec = validate_text(spec_text(*classic_hubs()), "classic.yaml").spec
+    return {name: (synthesized.stack(f"{name}-aws"), spec.hub(name)) for name in ("xac", "exc")}
+
+
 @pytest.fixture(scope="session")
 def hubs():
     spec = load_spec(EXAMPLE_SPEC)
@@ -609,7 +643,9 @@ def test_new_vpc_with_slot_eip_egress_routes_proxies_to_the_internet_gateway(sta
     for z in (0, 1):
         assert assocs[f"network/routes/proxy-zone{z}"]["route_table_id"] == ref(stack, "aws_route_table", "network/internet-routes", "id")
         assert assocs[f"network/routes/nlb-zone{z}"]["route_table_id"] == ref(stack, "aws_route_table", "network/nlb-routes", "id")
-    assert "route" not in one(stack, "aws_route_table", "network/nlb-routes")
+    # the NLB subnets' table holds only the routes to Databricks classic (test_classic_peering_*)
+    assert {r["cidr_block"] for r in one(stack, "aws_route_table", "network/nlb-routes")["route"]} == {
+        str(c) for c in hub.databricks.classic.cidrs}
     assert "aws_nat_gateway" not in stack["resource"]
     assert stack["output"]["egress_public_ips"]["value"] == stack["output"]["slot_public_ips"]["value"]
 
@@ -647,6 +683,107 @@ def test_existing_vpc_creates_no_network(stacks):
 
 
 # --------------------------------------------------------------------------------------------
+# Databricks classic: peering, routes both ways, security group, DNS only with a path
+# --------------------------------------------------------------------------------------------
+
+
+def _peering(stack: dict) -> tuple[dict, str]:
+    (body,) = resources(stack, "aws_vpc_peering_connection").values()
+    return body, ref(stack, "aws_vpc_peering_connection", "network/classic-peering/peering", "id")
+
+
+def _routes(stack: dict) -> set[tuple[str, str, str]]:
+    return {(r["route_table_id"], r["destination_cidr_block"], r["vpc_peering_connection_id"])
+            for r in resources(stack, "aws_route").values()}
+
+
+def _inline(table: dict) -> set[tuple[str, str]]:
+    return {(r["cidr_block"], r["vpc_peering_connection_id"]) for r in table.get("route", []) if r.get("vpc_peering_connection_id")}
+
+
+def test_classic_peering_in_the_same_account_is_accepted_and_routed_both_ways(stacks, hubs, classic):
+    """aws 6.25.0 docs, r/vpc_peering_connection: ``auto_accept`` needs both VPCs in the same account
+    and region, ``peer_owner_id`` defaults to the provider's account; r/route: a
+    ``vpc_peering_connection_id`` target, and inline ``route`` blocks of an ``aws_route_table`` must
+    not be mixed with ``aws_route`` (so the tables the stack creates carry the route inline). AWS VPC
+    Peering Guide, "Update your route tables": both sides need a route to the other's CIDR."""
+    use, exc = (stacks["use"], hubs["use"]), classic["exc"]
+    for (stack, hub), hub_vpc in ((use, ref(stacks["use"], "aws_vpc", "network/vpc", "id")),
+                                  (exc, EXISTING_VPC["vpc_id"])):
+        cl = hub.databricks.classic
+        peering, pcx = _peering(stack)
+        assert peering["vpc_id"] == hub_vpc and peering["peer_vpc_id"] == cl.network_id
+        assert peering["auto_accept"] is True and "peer_owner_id" not in peering and "peer_region" not in peering
+        assert "aws_vpc_peering_connection_accepter" not in stack["resource"]
+        # workspace side: every given table routes every NLB subnet (only the NLB answers classic) to the peering
+        nlb_cidrs = ([str(c) for c in hub.aws_addresses().private_subnets] if hub.network.cidr else
+                     [s["cidr"] for s in EXISTING_VPC["nlb_subnets"]])
+        workspace = {(t, c, pcx) for t in cl.aws_route_table_ids for c in nlb_cidrs}
+        hub_side = ({(t, str(c), pcx) for t in hub.network.existing_vpc.nlb_route_table_ids for c in cl.cidrs}
+                    if hub.network.existing_vpc else set())
+        assert _routes(stack) == workspace | hub_side
+        if hub.network.cidr:  # hub side of a new VPC: inline in the NLB subnets' own table
+            assert _inline(one(stack, "aws_route_table", "network/nlb-routes")) == {(str(c), pcx) for c in cl.cidrs}
+            assert not _inline(one(stack, "aws_route_table", "network/internet-routes"))  # the proxies' table
+        assert stack["output"]["classic_peering_id"]["value"] == pcx
+
+
+def test_cross_account_classic_peering_names_the_owner_and_leaves_acceptance_to_it(classic):
+    """aws 6.25.0 docs, r/vpc_peering_connection: ``peer_owner_id`` "must be managed if connecting
+    cross-account", and "If both VPCs are not in the same AWS account and region do not enable the
+    auto_accept attribute" (the accepter side is ``aws_vpc_peering_connection_accepter`` with the
+    owner's credentials, which the stack does not have). AWS VPC Peering Guide: a route to a
+    pending-acceptance peering is a blackhole until it is active, so the hub side is built now."""
+    stack, hub = classic["xac"]
+    cl = hub.databricks.classic
+    peering, pcx = _peering(stack)
+    assert peering["vpc_id"] == ref(stack, "aws_vpc", "network/vpc", "id") and peering["peer_vpc_id"] == cl.network_id
+    assert peering["peer_owner_id"] == "210987654321" and "auto_accept" not in peering
+    assert "aws_vpc_peering_connection_accepter" not in stack["resource"]
+    assert "aws_route" not in stack["resource"]  # nothing in the other account's tables
+    # NAT egress: the NLB subnets use the internet table, which gets the routes to classic
+    internet = one(stack, "aws_route_table", "network/internet-routes")
+    assert _inline(internet) == {(str(c), pcx) for c in cl.cidrs}
+    assert ("0.0.0.0/0", ref(stack, "aws_internet_gateway", "network/igw", "id")) in {
+        (r["cidr_block"], r["gateway_id"]) for r in internet["route"]}
+    for z in range(hub.zone_count):
+        assert not _inline(one(stack, "aws_route_table", f"network/nat/proxy-routes{z}"))
+    assert stack["output"]["classic_peering_id"]["value"] == pcx
+
+
+def test_nlb_admits_classic_cidrs_on_every_route_port(stacks, hubs, classic):
+    """aws 6.25.0 docs, r/vpc_security_group_ingress_rule (``cidr_ipv4``, ports): an NLB with a
+    security group drops what its inbound rules do not allow; peered traffic keeps its source."""
+    for stack, hub in ((stacks["use"], hubs["use"]), *classic.values()):
+        nlb_in = {(r["from_port"], r["cidr_ipv4"]) for r in _rules(stack, "aws_vpc_security_group_ingress_rule", "nlb-sg")}
+        assert nlb_in == {(r.port, str(c)) for r in hub.routes for c in hub.databricks.classic.cidrs}
+
+
+def test_classic_dns_zones_only_where_the_stack_builds_the_path(stacks, hubs, classic):
+    """aws 6.25.0 docs, r/route53_zone (a private zone is created with a ``vpc`` of its own account)
+    and r/route53_vpc_association_authorization (another account's VPC needs an authorization here
+    and an ``aws_route53_zone_association`` made with that account's provider): zones only with
+    both peering halves and both route directions managed, never on another account's VPC. A zone
+    hijacks its name for classic compute, a forward route's name too (that is what the route is
+    for, as the serverless rule does), so it must never point at an NLB classic cannot reach."""
+    from tunnelhub.constructs.databricks_link import classic_dns_enabled
+
+    zones = {z["name"]: z for z in resources(stacks["use"], "aws_route53_zone").values()}
+    assert set(zones) == {r.domain for r in hubs["use"].routes}
+    assert "contoso-aoai.openai.azure.com" in zones and "openai.azure.com" not in zones  # the name, not its parent
+    assert all(z["vpc"] == [{"vpc_id": "vpc-0a1b2c3d4e5f60718"}] for z in zones.values())
+    xac, exc = classic["xac"], classic["exc"]
+    assert "aws_route53_zone" not in xac[0]["resource"] and not classic_dns_enabled(xac[1])
+    assert {z["name"] for z in resources(exc[0], "aws_route53_zone").values()} == {r.domain for r in exc[1].routes}
+    # an existing VPC without its NLB route tables: no hub-side route, so no zone (and a warning)
+    bare = aws_hub(name="exc", region="us-west-2", network={"existing_vpc": EXISTING_VPC},
+                   databricks=classic_hubs()[1]["databricks"])
+    report = validate_text(spec_text(bare), "bare.yaml")
+    assert not classic_dns_enabled(report.spec.hub("exc"))
+    assert any("nlb_route_table_ids" in w.path and "no private DNS zone" in w.message for w in report.warnings)
+
+
+# --------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------
 
@@ -656,6 +793,8 @@ def test_stack_outputs(stacks, hubs):
         stack, hub = stacks[name], hubs[name]
         out = {k: v["value"] for k, v in stack["output"].items()}
         databricks = {"ncc_id", "private_endpoint_rule_id"} if hub.databricks and hub.databricks.serverless_enabled else set()
+        if hub.databricks and hub.databricks.classic:
+            databricks.add("classic_peering_id")
         assert set(out) == {"endpoint_service_name", "nlb_dns_name", "slot_public_ips", "slot_private_ips",
                             "tunnel_endpoints", "host_public_key", "asg_name", "egress_public_ips", "port_plan",
                             "config_version"} | databricks

@@ -352,7 +352,8 @@ def test_aws_dns_has_one_private_zone_per_domain_on_the_classic_vpc_aliasing_the
 @pytest.mark.parametrize("cloud, classic", [
     ("azure", {"network_id": AZURE_CLASSIC_VNET, "cidrs": ["10.139.0.0/16"], "remote_peering_enabled": False}),
     ("aws", {"network_id": "vpc-0a1b2c3d4e5f60718", "cidrs": ["10.80.0.0/16"], "remote_peering_enabled": False}),
-    ("aws", {"network_id": "vpc-0a1b2c3d4e5f60718", "cidrs": ["10.80.0.0/16"], "aws_account_id": "123456789012"}),
+    ("aws", {"network_id": "vpc-0a1b2c3d4e5f60718", "cidrs": ["10.80.0.0/16"], "aws_account_id": "123456789012",
+             "remote_peering_enabled": False}),  # another account: the spec requires the flag off
     ("azure", None),
 ])
 def test_no_dns_zones_where_tunnelhub_has_no_rights_on_the_classic_network(planted_env, cloud, classic):

@@ -671,6 +671,56 @@ def test_an_existing_vnet_cannot_peer_with_itself():
     assert "a VNet cannot peer with itself; remove onprem_path" in spec_errors(hub)
 
 
+_AWS_HOST = "https://dbc-1234567890123456.cloud.databricks.com"
+_AWS_CLASSIC = {"network_id": "vpc-0a1b2c3d4e5f60718", "cidrs": ["10.80.0.0/16"]}
+
+
+def test_aws_classic_in_the_same_account_needs_its_route_tables():
+    """Without routes in the workspace VPC, classic compute has no path to the NLB (AWS VPC Peering
+    Guide, "Update your route tables": both sides need a route), and its DNS zones would point
+    the route names at an unreachable address."""
+    hub = aws_hub(databricks=_databricks(_AWS_HOST, classic=dict(_AWS_CLASSIC)))
+    message = spec_errors(hub)
+    assert "databricks.classic.aws_route_table_ids" in message and "classic compute needs a route to the hub" in message
+    assert "remote_peering_enabled: false" in message
+    assert load_hubs(aws_hub(databricks=_databricks(_AWS_HOST, classic={**_AWS_CLASSIC, "aws_route_table_ids": [
+        "rtb-0a1b2c3d4e5f60718"]})))
+
+
+def test_aws_classic_in_another_account_leaves_its_half_of_the_peering_to_that_account():
+    """aws 6.25.0 docs, r/vpc_peering_connection: auto_accept only within one account and region;
+    the accepter side (r/vpc_peering_connection_accepter) needs the owner's credentials."""
+    other = {**_AWS_CLASSIC, "aws_account_id": "210987654321"}
+    message = spec_errors(aws_hub(databricks=_databricks(_AWS_HOST, classic=other)))
+    assert "classic.remote_peering_enabled = true" in message and "account 210987654321" in message
+    assert "set remote_peering_enabled: false" in message and "classic_peering_id" in message
+    routed = {**other, "remote_peering_enabled": False, "aws_route_table_ids": ["rtb-0a1b2c3d4e5f60718"]}
+    assert "classic.aws_route_table_ids: these routes are the workspace side" in spec_errors(
+        aws_hub(databricks=_databricks(_AWS_HOST, classic=routed)))
+    report = validate_text(spec_text(aws_hub(databricks=_databricks(_AWS_HOST, classic={
+        **other, "remote_peering_enabled": False}))), "t.yaml")
+    assert any("get no private DNS zone on the classic network" in w.message for w in report.warnings)
+
+
+def test_existing_vpc_nlb_route_tables():
+    vpc = {"vpc_id": "vpc-0123456789abcdef0", "vpc_cidr": "10.100.0.0/16",
+           "proxy_subnets": [{"id": f"subnet-0aaaaaaaaaaaaaaa{z}", "cidr": f"10.100.{z}.0/24",
+                              "availability_zone": f"us-east-1{'ab'[z]}"} for z in (0, 1)],
+           "nlb_subnets": [{"id": f"subnet-0bbbbbbbbbbbbbbb{z}", "cidr": f"10.100.{z + 2}.0/24",
+                            "availability_zone": f"us-east-1{'ab'[z]}"} for z in (0, 1)]}
+    classic = {**_AWS_CLASSIC, "aws_route_table_ids": ["rtb-0a1b2c3d4e5f60718"]}
+    bad = aws_hub(network={"existing_vpc": {**vpc, "nlb_route_table_ids": ["main"]}})
+    assert "existing_vpc.nlb_route_table_ids[0] = 'main': must be a route table id" in spec_errors(bad)
+    report = validate_text(spec_text(aws_hub(network={"existing_vpc": vpc},
+                                             databricks=_databricks(_AWS_HOST, classic=classic))), "t.yaml")
+    (warning,) = report.warnings
+    assert warning.dotted_path == "hubs[0].network.existing_vpc.nlb_route_table_ids"
+    assert "no route from the NLB subnets to databricks.classic.cidrs" in warning.message
+    given = {**vpc, "nlb_route_table_ids": ["rtb-0ccccccccccccccc1"]}
+    assert validate_text(spec_text(aws_hub(network={"existing_vpc": given},
+                                           databricks=_databricks(_AWS_HOST, classic=classic))), "t.yaml").warnings == []
+
+
 def test_network_policy_name():
     hub = azure_hub(databricks=_databricks(network_policy={"name": "weu egress policy"}))
     assert "network_policy.name = 'weu egress policy': Databricks network policy ids" in spec_errors(hub)

@@ -20,6 +20,7 @@ What it builds from one resolved hub spec:
   private addresses, health-checked on the proxies' health port at ``/routes/<route>``; plus the
   instance-health target group (``/healthz``) that the group's ELB health check uses;
 - the VPC endpoint service (acceptance required) for Databricks serverless;
+- the VPC peering to the Databricks classic VPC and its routes (see ``aws_network``);
 - security groups: SSH only from the on-prem CIDRs, route and health ports only from the NLB;
   the NLB's route ports only from the Databricks classic CIDRs (PrivateLink traffic is not
   filtered by the NLB's security group: the endpoint service's acceptance is its gate).
@@ -170,8 +171,9 @@ class AwsHub(Construct):
     Read-only attributes (tokens resolve at apply time):
 
     - ``vpc_id``; ``proxy_subnet_ids`` and ``nlb_subnet_ids`` (one per zone);
-      ``nlb_route_table_ids`` (where the peering to Databricks classic adds its routes; empty for
-      an existing VPC).
+      ``nlb_route_table_ids`` (where the peering to Databricks classic adds its routes; for an
+      existing VPC, ``existing_vpc.nlb_route_table_ids``); ``classic_peering_id`` (the peering to
+      the Databricks classic VPC, or None without ``databricks.classic``).
     - ``nlb_arn``, ``nlb_dns_name``, ``nlb_zone_id``, ``nlb_security_group_id``.
     - ``endpoint_service_id``, ``endpoint_service_name``.
     - ``proxy_security_group_id``; ``asg_name``; ``lifecycle_hook_name``.
@@ -206,6 +208,7 @@ class AwsHub(Construct):
         self.proxy_subnet_ids = network.proxy_subnet_ids
         self.nlb_subnet_ids = network.nlb_subnet_ids
         self.nlb_route_table_ids = network.nlb_route_table_ids
+        self.classic_peering_id = network.classic_peering_id
 
         # -- slots --------------------------------------------------------------------------
         slots = Construct(self, "slots")

@@ -378,16 +378,25 @@ def network_policy_name(hub: S.Hub) -> str:
 def classic_dns_enabled(hub: S.Hub) -> bool:
     """Whether the classic network gets the private DNS zones.
 
-    Linking a zone to a network needs rights on that network, like the workspace side of the
-    peering: zones are created when ``classic`` is set with ``remote_peering_enabled`` and (AWS)
-    the VPC is in the hub's account. Route 53 can only create a private zone with a VPC of its own
-    account; the hub VPC must never be associated instead, because the proxies resolve forward
-    routes' targets there and would loop back into the NLB.
+    Only where the stack builds the whole path, since a zone sends every lookup of its name to
+    the load balancer (a forward route's name too: that is the route's purpose, the name then goes
+    through the hub like serverless does), and a name pointed at an unreachable address breaks
+    what worked before. Linking a zone to a network also needs rights on it. So zones are created
+    when ``classic`` is set with ``remote_peering_enabled`` (both halves of the peering are the
+    stack's) and, on AWS, the VPC is in the hub's account (Route 53 creates a private zone only
+    with a VPC of its own account; another account's VPC needs an association authorization and
+    an association made in that account) and the stack routes the NLB subnets to the peering (a
+    new VPC, or ``existing_vpc.nlb_route_table_ids``). The hub VPC is never associated: the
+    proxies resolve forward routes' targets there and would loop back into the NLB.
     """
     db = hub.databricks
     if db is None or db.classic is None or not db.classic.remote_peering_enabled:
         return False
-    return not (hub.cloud == "aws" and db.classic.aws_account_id is not None)
+    if hub.cloud != "aws":
+        return True
+    existing = hub.network.existing_vpc
+    return (db.classic.aws_account_id is None and bool(db.classic.aws_route_table_ids)
+            and (existing is None or bool(existing.nlb_route_table_ids)))
 
 
 def _check(props: DatabricksLinkProps) -> None:
