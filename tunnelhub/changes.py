@@ -46,6 +46,22 @@ FORCE_NEW: dict[str, frozenset[str]] = {
         "eviction_policy", "os_managed_disk_id", "platform_fault_domain", "priority", "provision_vm_agent",
         "secure_boot_enabled", "source_image_id", "source_image_reference", "vtpm_enabled", "zone",
     }),
+    # Each route's own resources (issue 13's change-impact test, tests/synth/test_change_impact.py):
+    # internal/services/loadbalancer/lb_rule_resource.go and lb_probe_resource.go@v4.55.0 (ForceNew:
+    # name, loadbalancer_id; every other attribute is updated in place).
+    "azurerm_lb_rule": frozenset({"name", "loadbalancer_id"}),
+    "azurerm_lb_probe": frozenset({"name", "loadbalancer_id"}),
+    # terraform-provider-aws internal/service/elbv2/target_group.go and target_group_attachment.go
+    # (read from the search index's stored copy, not at the v6.25.0 tag, which could not be fetched
+    # here: confirm there when a plan disagrees): a target group's name, name_prefix, port, protocol, protocol_version,
+    # target_type and vpc_id are ForceNew, its health_check is not; an attachment has no update at all.
+    "aws_lb_target_group": frozenset({"name", "name_prefix", "port", "protocol", "protocol_version", "target_type",
+                                      "vpc_id"}),
+    "aws_lb_target_group_attachment": frozenset({"availability_zone", "target_group_arn", "target_id", "port"}),
+    # terraform-provider-databricks mws/resource_mws_ncc_private_endpoint_rule.go@v1.106.0: domain_names is
+    # in the update mask; these force a new rule (a new endpoint to approve).
+    "databricks_mws_ncc_private_endpoint_rule": frozenset({"network_connectivity_config_id", "endpoint_service",
+                                                           "group_id", "resource_id"}),
 }
 FORCE_NEW_NESTED: dict[str, dict[str, frozenset[str]]] = {
     # internal/services/compute/virtual_machine.go@v4.55.0, virtualMachineOSDiskSchema: the disk's name,
