@@ -121,3 +121,30 @@ MACHINE_CHANGES: dict[str, Callable[[dict[str, Any]], None]] = {
     "health-port": lambda h: h.setdefault("proxies", {}).update(health_port=8099),
 }
 """Changes of the machine's bootstrap: the proxies are replaced (and the synth report says so)."""
+
+
+DATABRICKS_OVERRIDE_WAIT_S = 900
+
+
+def overrides_text() -> str:
+    """One spec with every issue-13 override at once (an Azure and an AWS hub, both
+    ``protect: false``, an explicit PLS visibility and auto-approval list, a reserved slot Lambda
+    concurrency, a longer approval wait): synthesized once per session, shared by the synth tests."""
+    databricks = {
+        "account_id": "0d2f1a6e-4b7c-4e2a-9c1d-3f5e6a7b8c9d",
+        "approval_wait_s": DATABRICKS_OVERRIDE_WAIT_S,
+    }
+    azure = azure_hub(
+        name="ovz", network={"cidr": "10.61.0.0/24"}, protect=False,
+        databricks={**databricks, "workspace_id": "1234567890123457",
+                    "workspace_host": "https://adb-1234567890123457.7.azuredatabricks.net"},
+        azure={"pls_visibility_subscription_ids": ["11111111-2222-3333-4444-555555555555"],
+               "pls_auto_approval_subscription_ids": ["11111111-2222-3333-4444-555555555555"]},
+    )
+    aws = aws_hub(
+        name="ova", network={"cidr": "10.71.0.0/24"}, protect=False,
+        databricks={**databricks, "workspace_id": "2345678901234568",
+                    "workspace_host": "https://dbc-2345678901234568.cloud.databricks.com"},
+        aws={"slot_lambda_reserved_concurrency": 5},
+    )
+    return spec_text(azure, aws)

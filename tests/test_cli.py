@@ -28,6 +28,9 @@ def test_validate_example():
     assert "valid, 2 hubs" in result.output
     assert "weu: azure westeurope, 2 proxies, 2 routes -> stack weu-azure" in result.output
     assert "use: aws us-east-1, 2 slots, 2 routes -> stack use-aws" in result.output
+    # The NCC binding replaces any NCC the workspace has: not checkable offline, so always said.
+    assert "warning: hub 'weu': binding NCC 'weu-ncc' to workspace 1234567890123456 replaces any NCC" in result.output
+    assert "databricks account workspaces get 2345678901234567" in result.output
 
 
 def test_validate_defaults_to_tunnelhub_spec_env(tmp_path):

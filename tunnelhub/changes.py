@@ -35,7 +35,9 @@ from tunnelhub.userdata.layout import AWS_DOCUMENT_KEY
 
 AZURE_VM = "azurerm_linux_virtual_machine"
 AWS_LAUNCH_TEMPLATE = "aws_launch_template"
-IGNORED_KEYS = {"//", "depends_on"}
+IGNORED_KEYS = {"//", "depends_on", "lifecycle"}
+"""Keys Terraform plans no action for: cdktf metadata, ordering, and the lifecycle meta-argument
+(turning ``prevent_destroy`` off with ``protect: false`` changes no resource)."""
 
 FORCE_NEW: dict[str, frozenset[str]] = {
     # linux_virtual_machine_resource.go@v4.55.0: ForceNew: true (admin_ssh_key through

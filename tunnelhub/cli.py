@@ -88,6 +88,8 @@ def validate(spec: Path | None) -> None:
         raise click.ClickException(str(exc)) from None
     for w in report.warnings:
         click.echo(w.render(report.source), err=True)
+    for line in S.ncc_binding_warnings(report.spec.hubs):
+        click.echo(f"{report.source}: {line}", err=True)
     hubs = report.spec.hubs
     click.echo(f"{path}: valid, {len(hubs)} hub{'s' if len(hubs) != 1 else ''}")
     for h in hubs:
@@ -137,6 +139,12 @@ def synth(spec: Path | None, hubs: tuple[str, ...], out: Path, jobs: int | None,
     from tunnelhub.synth import SynthError, synthesize
 
     loaded = load(spec)
+    try:
+        selected = loaded.select(list(hubs) or None)
+    except S.SpecError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in S.ncc_binding_warnings(selected):
+        click.echo(f"tunnelhub: {line}", err=True)
     previous = read_stacks(out)
     try:
         results = synthesize(loaded, out, hubs=list(hubs) or None, progress=progress, jobs=jobs, reuse=not no_reuse)

@@ -56,6 +56,13 @@ security/network/serverless-network-security/pl-to-internal-network, Requirement
 rule carries every distinct route domain, so a serverless hub has at most this many."""
 DEFAULT_EGRESS = {"azure": "nat_gateway", "aws": "slot_eip"}
 ALLOWED_EGRESS = {"azure": ("nat_gateway", "none"), "aws": ("slot_eip", "nat_gateway")}
+DEFAULT_APPROVAL_WAIT_S = 600
+"""The wait before looking up the endpoint Databricks creates for a new rule. Databricks
+documents no creation time; databricks provider 1.99.0 returns the rule while it is still
+CREATING, and the provider's own fix (terraform-provider-databricks PR #5743) polls that state
+for up to 30 minutes. 60 s usually ended before the endpoint existed; 10 minutes covers a typical
+endpoint creation (a few minutes) with margin. Only a first deploy or a replaced rule waits."""
+MAX_APPROVAL_WAIT_S = 3600
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
 _LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -633,6 +640,9 @@ class Databricks(_Model):
     classic: ClassicCompute | None = None
     network_policy: NetworkPolicy | None = None
     connections: list[Connection] = []
+    approval_wait_s: int = DEFAULT_APPROVAL_WAIT_S
+    """Seconds between creating the private endpoint rule and looking up the endpoint Databricks
+    creates for it, before approving it (first deploy, or a replaced rule). 0-3600."""
 
 
 class LocalBackend(_Model):
@@ -659,8 +669,14 @@ class AzureSettings(_Model):
     """Default: from the environment (ARM_SUBSCRIPTION_ID)."""
     resource_group: str | None = None
     """Created by the stack (default: <hub>-rg)."""
-    pls_visibility_subscription_ids: list[Uuid] = []
+    pls_visibility_subscription_ids: list[Union[Uuid, Literal["*"]]] = ["*"]
+    """Who may see the Private Link Service and request a connection to it. Default ``["*"]``:
+    Databricks creates the serverless endpoint from its own subscription, whose id is not
+    published, so the PLS must be visible to every subscription (azurerm 4.55.0 accepts "*").
+    Connections still wait for approval, which the stack gives only to its own rule's endpoint."""
     pls_auto_approval_subscription_ids: list[Uuid] = []
+    """Subscriptions whose endpoints are approved without asking. Default: none (the stack
+    approves the Databricks endpoint itself, inside Terraform)."""
 
 
 class AwsSettings(_Model):
@@ -670,6 +686,12 @@ class AwsSettings(_Model):
     """An EC2 key pair for break-glass access (default: none; admin keys go through cloud-init)."""
     endpoint_allowed_principals: list[str] | None = None
     """Default: the Databricks serverless role of the hub's region."""
+    slot_lambda_reserved_concurrency: int | None = None
+    """Reserved concurrency of the slot Lambda. Default: none (the function draws on the account's
+    unreserved pool). AWS lets a function reserve only what leaves the account's minimum
+    unreserved concurrency free (100 at the default quota of 1,000; new accounts often start far
+    lower), so reserving fails on low-quota accounts. 1 serializes slot decisions; the handler is
+    correct without it."""
 
 
 class Hub(_Model):
@@ -689,6 +711,10 @@ class Hub(_Model):
     azure: AzureSettings | None = None
     aws: AwsSettings | None = None
     tags: dict[str, str] = {}
+    protect: bool = True
+    """``lifecycle.prevent_destroy`` on what a replacement would silently break: the load
+    balancer, the Private Link Service / VPC endpoint service, the Key Vault, the NCC and its
+    private endpoint rule. Set false only for a planned destroy or replace (docs/teardown.md)."""
 
     # -- derived values -----------------------------------------------------------------------
 
@@ -1154,6 +1180,21 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
         issue(("azure",), "an 'azure:' block on an aws hub: move these settings to an azure hub or remove them")
     if hub.cloud == "azure" and hub.aws is not None:
         issue(("aws",), "an 'aws:' block on an azure hub: move these settings to an aws hub or remove them")
+    if hub.azure is not None:
+        visible = hub.azure.pls_visibility_subscription_ids
+        serverless = hub.databricks is not None and hub.databricks.serverless_enabled
+        if not visible and serverless:
+            issue(("azure", "pls_visibility_subscription_ids"), "an empty list hides the Private Link Service from "
+                  "Databricks, whose serverless endpoint comes from its own subscription: remove the key (default "
+                  "[\"*\"], every connection still needs approval) or list the subscriptions", visible)
+        if "*" in visible and len(visible) > 1:
+            issue(("azure", "pls_visibility_subscription_ids"), "\"*\" already makes the Private Link Service visible "
+                  "to every subscription: give either [\"*\"] or a list of subscription ids", visible)
+    if hub.aws is not None and hub.aws.slot_lambda_reserved_concurrency is not None:
+        reserved = hub.aws.slot_lambda_reserved_concurrency
+        if reserved < 1:
+            issue(("aws", "slot_lambda_reserved_concurrency"), "must be at least 1 (0 would stop the slot Lambda, so no "
+                  "proxy gets a slot); remove the key to leave the function unreserved", reserved)
 
     # network
     net = hub.network
@@ -1351,6 +1392,10 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
                 issue(dp + ("workspace_host",), f"this is an {other} workspace URL but the hub is on {hub.cloud}; "
                       f"the NCC and private endpoint must be in the hub's cloud (host ending in {suffix})",
                       db.workspace_host)
+        if not 0 <= db.approval_wait_s <= MAX_APPROVAL_WAIT_S:
+            issue(dp + ("approval_wait_s",), f"must be 0-{MAX_APPROVAL_WAIT_S} seconds (default "
+                  f"{DEFAULT_APPROVAL_WAIT_S}: a first deploy waits this long for Databricks to create the endpoint "
+                  "before approving it)", db.approval_wait_s)
         if db.classic is not None:
             cl = db.classic
             if hub.cloud == "azure":
@@ -1461,6 +1506,28 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
             issue(dp + ("network_policy",), "warning: a network policy restricts serverless egress, but "
                   "serverless_enabled is false, so serverless compute cannot reach this hub")
     return out
+
+
+def ncc_binding_warnings(hubs: list[Hub]) -> list[str]:
+    """One line per hub that binds its NCC to a workspace: the binding replaces whatever NCC the
+    workspace has, which cannot be checked offline (``validate`` and ``synth`` print these).
+
+    A workspace has exactly one NCC and ``databricks_mws_ncc_binding`` overwrites it
+    (terraform-provider-databricks PR #5401); the other NCC's private endpoints then stop reaching
+    that workspace's serverless compute. Kept out of the spec warnings because it holds for every
+    serverless hub, whatever the spec says."""
+    lines = []
+    for hub in hubs:
+        db = hub.databricks
+        if db is None or not db.serverless_enabled:
+            continue
+        lines.append(
+            f"warning: hub {hub.name!r}: binding NCC {hub.ncc_name!r} to workspace {db.workspace_id} replaces any NCC "
+            "the workspace already has (its serverless private endpoints stop working); this cannot be checked "
+            f"offline: run `databricks account workspaces get {db.workspace_id}` and check that "
+            f"network_connectivity_config_id is empty or already {hub.ncc_name!r} (docs/teardown.md)"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLE_SPEC
-from tests.helpers import TUNNEL_KEY, aws_hub, load_hubs, spec_text
+from tests.helpers import TUNNEL_KEY, aws_hub, load_hubs, overrides_text, spec_text
 from tunnelhub.spec import SpecError, load_spec, validate_text
 
 pytestmark = pytest.mark.synth
@@ -110,6 +110,12 @@ def hubs():
     spec = load_spec(EXAMPLE_SPEC)
     variant = validate_text(variants_text(), "variants.yaml").spec
     return {"use": spec.hub("use"), "pvt": variant.hub("pvt"), "exv": variant.hub("exv")}
+
+
+@pytest.fixture(scope="session")
+def overrides(synth_spec):
+    """Every issue-13 override at once (tests/helpers.py), shared with the Azure and Databricks tests."""
+    return synth_spec(text=overrides_text()).stack("ova-aws")
 
 
 @pytest.fixture(scope="session")
@@ -210,6 +216,35 @@ def test_slot_private_addresses_are_reserved_in_their_zones_proxy_subnet(stacks,
 # --------------------------------------------------------------------------------------------
 
 
+def test_slot_lambda_is_unreserved_unless_the_spec_reserves_concurrency(stacks, overrides):
+    """AWS Lambda "Configuring reserved concurrency" (docs.aws.amazon.com/lambda/latest/dg/
+    configuration-concurrency.html): a function can reserve up to the unreserved account
+    concurrency minus 100, so ``reserved_concurrent_executions = 1`` fails on accounts at a low
+    quota ("decreases account's UnreservedConcurrentExecution below its minimum value"). Absent
+    (the aws provider's default -1, unreserved) unless ``aws.slot_lambda_reserved_concurrency``."""
+    for name in ("use", "pvt", "exv"):
+        assert "reserved_concurrent_executions" not in one(stacks[name], "aws_lambda_function", "slot-function/function")
+    assert one(overrides, "aws_lambda_function", "slot-function/function")["reserved_concurrent_executions"] == 5
+
+
+def test_nlb_and_endpoint_service_prevent_destroy_unless_protect_is_false(stacks, overrides):
+    """Terraform's lifecycle meta-argument: ``prevent_destroy = true`` makes Terraform reject any plan
+    that would destroy the object, a replacement included (developer.hashicorp.com/terraform/
+    language/meta-arguments/lifecycle). A replaced NLB or endpoint service gets a new service name,
+    so the Databricks rule (endpoint_service is ForceNew in databricks 1.99.0) would be replaced
+    too and serverless cut off. ``protect: false`` removes the guard."""
+    use = stacks["use"]
+    assert one(use, "aws_lb", "nlb/lb")["lifecycle"] == {"prevent_destroy": True}
+    assert one(use, "aws_vpc_endpoint_service", "endpoint-service")["lifecycle"] == {"prevent_destroy": True}
+    assert "lifecycle" not in one(overrides, "aws_lb", "nlb/lb")
+    assert "lifecycle" not in one(overrides, "aws_vpc_endpoint_service", "endpoint-service")
+    # Nothing else is guarded (the proxies, listeners and target groups change in routine deploys).
+    guarded = {kind for kind in use["resource"] for body in resources(use, kind).values()
+               if body.get("lifecycle", {}).get("prevent_destroy")}
+    assert guarded == {"aws_lb", "aws_vpc_endpoint_service", "databricks_mws_network_connectivity_config",
+                       "databricks_mws_ncc_private_endpoint_rule"}
+
+
 def test_slot_lambda_function_and_its_environment(stacks, hubs):
     from tunnelhub.constructs.slot_lambda import handler
 
@@ -219,7 +254,7 @@ def test_slot_lambda_function_and_its_environment(stacks, hubs):
     assert fn["runtime"] == "python3.12"
     assert fn["handler"] == "handler.lambda_handler"
     assert fn["timeout"] == 60 and fn["memory_size"] == 128
-    assert fn["reserved_concurrent_executions"] == 1
+    assert "reserved_concurrent_executions" not in fn  # unreserved by default (test below)
     assert fn["role"] == ref(stack, "aws_iam_role", "slot-function/role", "arn")
     env = fn["environment"]["variables"]
     assert env["HUB"] == "use"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import EXAMPLE_SPEC
-from tests.helpers import spec_text
+from tests.helpers import overrides_text, spec_text
 from tunnelhub.spec import SpecError, load_spec, validate_text
 
 pytestmark = pytest.mark.synth
@@ -149,6 +149,12 @@ def alt(synth_spec) -> dict:
 @pytest.fixture(scope="module")
 def hub():
     return load_spec(EXAMPLE_SPEC).hub("weu")
+
+
+@pytest.fixture(scope="module")
+def overrides(synth_spec):
+    """Every issue-13 override at once (tests/helpers.py), shared with the AWS and Databricks tests."""
+    return synth_spec(text=overrides_text())
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +383,41 @@ def test_private_link_service_on_the_frontend_with_nat_in_its_own_subnet(weu):
     (nat,) = pls["nat_ip_configuration"]
     pls_subnet, _ = by_path(weu, "azurerm_subnet", "/pls_nat_subnet")
     assert nat["subnet_id"] == ref("azurerm_subnet", pls_subnet, "id") and nat["primary"] is True
-    assert "visibility_subscription_ids" not in pls and "auto_approval_subscription_ids" not in pls
+    assert "auto_approval_subscription_ids" not in pls  # approval is the stack's own, for its rule only
+
+
+def test_pls_is_visible_to_every_subscription_by_default_and_the_spec_list_replaces_it(weu, overrides):
+    """Databricks creates the serverless endpoint from its own subscription, whose id is not
+    published; azurerm 4.55.0 (internal/services/network/private_link_service_resource.go) takes
+    ``visibility_subscription_ids`` elements that are a UUID or "*" and sends them as
+    ``visibility.subscriptions``. Default ``["*"]``, no auto-approval; a spec list is sent as given."""
+    _, pls = one(weu, "azurerm_private_link_service")
+    assert pls["visibility_subscription_ids"] == ["*"]
+    assert "auto_approval_subscription_ids" not in pls
+    _, pls = one(overrides.stack("ovz-azure"), "azurerm_private_link_service")
+    assert pls["visibility_subscription_ids"] == ["11111111-2222-3333-4444-555555555555"]
+    assert pls["auto_approval_subscription_ids"] == ["11111111-2222-3333-4444-555555555555"]
+
+
+GUARDED = ("azurerm_lb", "azurerm_private_link_service", "azurerm_key_vault",
+           "databricks_mws_network_connectivity_config", "databricks_mws_ncc_private_endpoint_rule")
+
+
+def test_lb_pls_vault_ncc_and_rule_prevent_destroy_unless_protect_is_false(weu, overrides):
+    """Terraform's lifecycle meta-argument: with ``prevent_destroy = true`` Terraform rejects with an
+    error any plan that would destroy the object (a replacement included, and ``terraform destroy``),
+    as long as the setting stays in the configuration (developer.hashicorp.com/terraform/language/
+    meta-arguments/lifecycle). A replaced LB or PLS drops the Databricks endpoint; a replaced vault
+    fails (purge protection keeps its name 90 days). ``protect: false`` removes the guard."""
+    for rtype in GUARDED:
+        _, body = one(weu, rtype)
+        assert body["lifecycle"] == {"prevent_destroy": True}, rtype
+        _, body = one(overrides.stack("ovz-azure"), rtype)
+        assert "lifecycle" not in body, rtype
+    # Nothing else is guarded: the proxies, probes and rules change in routine deploys.
+    guarded = {rtype for rtype, items in weu["resource"].items()
+               for body in items.values() if body.get("lifecycle", {}).get("prevent_destroy")}
+    assert guarded == set(GUARDED)
 
 
 def test_peering_both_halves_with_the_workspace_vnet(weu, hub):

@@ -14,7 +14,7 @@ import cdktf
 import pytest
 from cdktf import TerraformStack, TerraformVariable
 
-from tests.helpers import aws_hub, azure_hub, load_hubs, mutated
+from tests.helpers import DATABRICKS_OVERRIDE_WAIT_S, aws_hub, azure_hub, load_hubs, mutated, overrides_text
 from tunnelhub import spec as S
 
 pytestmark = pytest.mark.synth
@@ -222,7 +222,7 @@ def test_ncc_binding_names_the_workspace_exactly(both):
 def check_wait_follows_rule(s: Synth) -> tuple[str, str]:
     rule_name, _ = s.one("databricks_mws_ncc_private_endpoint_rule")
     wait_name, wait = s.one("time_sleep")
-    assert wait["create_duration"] == "60s"
+    assert wait["create_duration"] == f"{S.DEFAULT_APPROVAL_WAIT_S}s" == "600s"
     assert wait["triggers"] == {"rule_id": ref("databricks_mws_ncc_private_endpoint_rule", rule_name, "rule_id")}
     assert wait["depends_on"] == [f"databricks_mws_ncc_private_endpoint_rule.{rule_name}"]
     assert wait["provider"] == "time"
@@ -292,6 +292,38 @@ def test_approval_providers_are_pinned_in_required_providers(azure, aws):
 def test_approval_wait_is_configurable(planted_env):
     s = synth_link(aws_spec_hub(), approval_wait_s=0)
     assert s.one("time_sleep")[1]["create_duration"] == "0s"
+    s = synth_link(aws_spec_hub(approval_wait_s=45))  # the spec's value when the props give none
+    assert s.one("time_sleep")[1]["create_duration"] == "45s"
+
+
+def test_the_app_takes_the_approval_wait_from_the_spec(synth_spec):
+    """hashicorp/time ``time_sleep.create_duration`` is a duration string ("900s"). The app builds the
+    link from ``databricks.approval_wait_s`` on both clouds (default 600 s, spec.DEFAULT_APPROVAL_WAIT_S:
+    databricks 1.99.0 returns the rule while CREATING, terraform-provider-databricks PR #5743 polls
+    that state for up to 30 minutes; 60 s usually ended before the endpoint existed)."""
+    out = synth_spec(text=overrides_text())
+    for stack in ("ovz-azure", "ova-aws"):
+        (wait,) = out.stack(stack)["resource"]["time_sleep"].values()
+        assert wait["create_duration"] == f"{DATABRICKS_OVERRIDE_WAIT_S}s" == "900s"
+
+
+def test_ncc_and_rule_prevent_destroy_unless_protect_is_false(both, planted_env):
+    """A destroyed or replaced rule removes the endpoint serverless compute uses (a new one needs a
+    new approval); a replaced NCC must be bound again (10-15 minutes to propagate). Terraform's
+    ``prevent_destroy`` rejects any plan that would destroy them (developer.hashicorp.com/terraform/
+    language/meta-arguments/lifecycle). Routine changes stay possible: ``domain_names`` is updated in
+    place in databricks 1.99.0 (mws/resource_mws_ncc_private_endpoint_rule.go: only endpoint_service,
+    group_id, resource_id and the NCC id are ForceNew). The binding is not guarded: its delete is a
+    no-op in 1.99.0 (mws/resource_mws_ncc_binding.go)."""
+    for kind in ("databricks_mws_network_connectivity_config", "databricks_mws_ncc_private_endpoint_rule"):
+        assert both.one(kind)[1]["lifecycle"] == {"prevent_destroy": True}
+    assert "lifecycle" not in both.one("databricks_mws_ncc_binding")[1]
+    unprotected = load_hubs({**(azure_hub(routes=AZURE_ROUTES) if both.hub.cloud == "azure" else aws_hub()),
+                             "protect": False,
+                             "databricks": DATABRICKS_AZURE if both.hub.cloud == "azure" else DATABRICKS_AWS}).hubs[0]
+    s = synth_link(unprotected)
+    for kind in ("databricks_mws_network_connectivity_config", "databricks_mws_ncc_private_endpoint_rule"):
+        assert "lifecycle" not in s.one(kind)[1]
 
 
 # -- egress policy ----------------------------------------------------------------------------

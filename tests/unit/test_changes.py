@@ -32,6 +32,10 @@ def stack(vm: dict | None = None, lt: dict | None = None) -> dict:
     ({"size": "Standard_D4s_v5"}, "restart", ("size",)),
     ({"user_data": "Q0ND", "tags": {"a": "2"}}, "update", ("tags", "user_data")),
     ({"depends_on": ["x"]}, None, ()),
+    # The lifecycle meta-argument is Terraform's, not the provider's: adding or removing
+    # prevent_destroy (protect: false) plans no change (Terraform docs, meta-arguments/lifecycle).
+    ({"lifecycle": {"prevent_destroy": True}}, None, ()),
+    ({"lifecycle": {"prevent_destroy": True}, "custom_data": "BBBB"}, "replace", ("custom_data",)),
 ])
 def test_vm_changes(change, action, attributes):
     changes = diff_stacks(stack(vm=VM), stack(vm={**VM, **change}))

@@ -752,3 +752,68 @@ def test_two_serverless_hubs_on_one_workspace_warn():
                                      azure_hub(name="weu2", network={**ONPREM_PATH, "cidr": "10.61.0.0/24"}, databricks=_databricks())),
                            "t.yaml")
     assert any("also binds its NCC to this workspace" in w.message for w in report.warnings)
+
+
+# ------------------------------------------------------------------ issue 13: visibility, teardown, quotas
+
+
+def test_issue13_defaults():
+    """Defaults that let a first deploy work on a stock account: the PLS visible to every
+    subscription (azurerm 4.55.0 private_link_service_resource.go: visibility_subscription_ids
+    accepts a UUID or "*"; Databricks creates the serverless endpoint from its own subscription),
+    no auto-approval, an unreserved slot Lambda (AWS Lambda "Configuring reserved concurrency":
+    a function may reserve only the unreserved account concurrency minus 100), a 600 s approval
+    wait (terraform-provider-databricks 1.99.0 returns the rule while CREATING; PR #5743 polls it
+    for up to 30 minutes), and the destroy guard on."""
+    azure = load_hubs(azure_hub(databricks=_databricks())).hubs[0]
+    assert azure.azure is None  # defaults come from AzureSettings()
+    from tunnelhub.spec import AwsSettings, AzureSettings
+
+    assert AzureSettings().pls_visibility_subscription_ids == ["*"]
+    assert AzureSettings().pls_auto_approval_subscription_ids == []
+    assert AwsSettings().slot_lambda_reserved_concurrency is None
+    assert azure.databricks.approval_wait_s == 600
+    assert azure.protect is True
+    overridden = load_hubs(azure_hub(protect=False, databricks=_databricks(approval_wait_s=0),
+                                     azure={"pls_visibility_subscription_ids": ["*"]})).hubs[0]
+    assert (overridden.protect, overridden.databricks.approval_wait_s) == (False, 0)
+
+
+def test_issue13_bad_overrides_name_the_field_and_the_fix():
+    """Values the clouds would reject or that silently break serverless: an approval wait outside
+    0-3600 s, a reserved concurrency of 0 (Lambda API Concurrency: minimum 0, and 0 throttles every
+    invocation), an empty PLS visibility list on a serverless hub, "*" mixed with ids."""
+    wait = spec_errors(azure_hub(databricks=_databricks(approval_wait_s=4000)))
+    assert "databricks.approval_wait_s = 4000: must be 0-3600 seconds (default 600" in wait
+    assert "databricks.approval_wait_s = -1: must be 0-3600" in spec_errors(
+        azure_hub(databricks=_databricks(approval_wait_s=-1)))
+    reserved = spec_errors(aws_hub(aws={"slot_lambda_reserved_concurrency": 0}))
+    assert "aws.slot_lambda_reserved_concurrency = 0: must be at least 1" in reserved
+    assert "remove the key to leave the function unreserved" in reserved
+    hidden = spec_errors(azure_hub(databricks=_databricks(), azure={"pls_visibility_subscription_ids": []}))
+    assert "azure.pls_visibility_subscription_ids = []: an empty list hides the Private Link Service" in hidden
+    mixed = spec_errors(azure_hub(azure={"pls_visibility_subscription_ids": ["*", "11111111-2222-3333-4444-555555555555"]}))
+    assert 'give either ["*"] or a list of subscription ids' in mixed
+    assert "must be a UUID" in spec_errors(azure_hub(azure={"pls_visibility_subscription_ids": ["everyone"]}))
+    # Without serverless nobody needs to see the PLS: an empty list is the user's choice.
+    load_hubs(azure_hub(databricks=_databricks(serverless_enabled=False), azure={"pls_visibility_subscription_ids": []}))
+
+
+def test_ncc_binding_warning_for_every_serverless_hub():
+    """A workspace has one NCC and databricks_mws_ncc_binding overwrites it
+    (terraform-provider-databricks PR #5401, docs of mws_ncc_binding); whether the workspace already
+    has one is only known to the account API, so validate/synth print this line for every
+    serverless hub, and none for a hub without serverless."""
+    from tunnelhub.spec import ncc_binding_warnings
+
+    spec = load_spec(EXAMPLE)
+    lines = ncc_binding_warnings(spec.hubs)
+    assert len(lines) == 2
+    assert lines[0] == (
+        "warning: hub 'weu': binding NCC 'weu-ncc' to workspace 1234567890123456 replaces any NCC the workspace "
+        "already has (its serverless private endpoints stop working); this cannot be checked offline: run "
+        "`databricks account workspaces get 1234567890123456` and check that network_connectivity_config_id is "
+        "empty or already 'weu-ncc' (docs/teardown.md)"
+    )
+    assert ncc_binding_warnings(load_hubs(azure_hub(databricks=_databricks(serverless_enabled=False))).hubs) == []
+    assert ncc_binding_warnings(load_hubs(azure_hub()).hubs) == []

@@ -91,6 +91,7 @@ from constructs import Construct
 from tunnelhub import spec as S
 from tunnelhub.constructs.aws_files_bucket import FilesBucket, FilesBucketProps
 from tunnelhub.constructs.aws_network import AwsNetwork, AwsNetworkProps
+from tunnelhub.constructs.protect import protected
 from tunnelhub.constructs.aws_slot_function import SlotFunction, SlotFunctionProps
 from tunnelhub.constructs.slot_lambda.handler import (
     DEFAULT_POOL_TAG_KEY,
@@ -318,7 +319,7 @@ class AwsHub(Construct):
         service = VpcEndpointService(
             self, "endpoint-service", acceptance_required=True, network_load_balancer_arns=[self.nlb_arn],
             allowed_principals=allowed_endpoint_principals(hub), supported_ip_address_types=["ipv4"],
-            tags={"Name": name},
+            tags={"Name": name}, lifecycle=protected(hub),
         )
         self.endpoint_service_id = service.id
         self.endpoint_service_name = service.service_name
@@ -379,6 +380,7 @@ class AwsHub(Construct):
                 proxy_subnet_arns=[f"{arn['ec2']}:subnet/{s}" for s in network.proxy_subnet_ids],
                 slot_private_ips=encode_slot_private_ips(slot_subnets),
                 name_prefix=name, iam_name_prefix=iam_name,
+                reserved_concurrency=hub.aws.slot_lambda_reserved_concurrency if hub.aws is not None else None,
             ),
         )
         self.slot_function = slot_function
@@ -487,7 +489,7 @@ class AwsHub(Construct):
             # PrivateLink traffic arrives with the consumer's (Databricks') addresses, unknown here;
             # the endpoint service's acceptance and allowed principals gate it instead.
             enforce_security_group_inbound_rules_on_private_link_traffic="off",
-            tags={"Name": name},
+            tags={"Name": name}, lifecycle=protected(hub),
         )
         self.nlb_arn = nlb.arn
         self.nlb_dns_name = nlb.dns_name

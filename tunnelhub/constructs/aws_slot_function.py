@@ -118,6 +118,11 @@ class SlotFunctionProps:
     """Default: tunnelhub:pool (what the proxies' cloud-init and docs/aws-slots.md use)."""
     slot_tag_key: str = slot_handler.DEFAULT_SLOT_TAG_KEY
     """Default: tunnelhub:slot (the proxies read it from instance metadata)."""
+    reserved_concurrency: int | None = None
+    """``reserved_concurrent_executions`` (spec ``aws.slot_lambda_reserved_concurrency``). Default:
+    none, the account's unreserved pool: AWS refuses a reservation that leaves less than the
+    account's minimum unreserved concurrency (100 at the default quota), which fails on new or
+    low-quota accounts."""
 
 
 class SlotFunction(Construct):
@@ -255,9 +260,9 @@ class SlotFunction(Construct):
             source_code_hash=archive.sha256_base64,
             timeout=TIMEOUT_S,
             memory_size=MEMORY_MB,
-            # One decision at a time: twin deliveries of an event cannot interleave (the handler is
-            # correct without it; throttled async events are retried by Lambda).
-            reserved_concurrent_executions=1,
+            # Unreserved by default. Reserving 1 serializes decisions (twin deliveries of an event cannot
+            # interleave); the handler is correct without it, and throttled async events are retried.
+            reserved_concurrent_executions=props.reserved_concurrency,
             environment=LambdaFunctionEnvironment(variables=self.environment),
             depends_on=[log_group, role_policy],
         )

@@ -77,6 +77,7 @@ from cdktf_cdktf_provider_tls.private_key import PrivateKey
 from constructs import Construct
 
 from tunnelhub import spec as S
+from tunnelhub.constructs.protect import protected
 from tunnelhub.userdata import AZURE_CONFIG_VERSION_TAG, AZURE_HOST_KEY_TAG, render_cloud_init, render_document
 
 HOST_KEY_TAG = AZURE_HOST_KEY_TAG
@@ -381,6 +382,8 @@ class AzureHub(Construct):
             public_network_access_enabled=True,
             network_acls=KeyVaultNetworkAcls(bypass="AzureServices", default_action="Allow"),
             tags=self._tags,
+            # Purge protection keeps a deleted vault's name taken for 90 days: a replacement fails.
+            lifecycle=protected(hub),
         )
         deployer_access = RoleAssignment(
             identity,
@@ -442,6 +445,7 @@ class AzureHub(Construct):
                 )
             ],
             tags=self._tags,
+            lifecycle=protected(hub),
         )
         pool = LbBackendAddressPool(lb_scope, "backend_pool", name="proxies", loadbalancer_id=lb.id)
         for route in hub.routes:
@@ -485,9 +489,11 @@ class AzureHub(Construct):
             nat_ip_configuration=[
                 PrivateLinkServiceNatIpConfiguration(name="pls-nat", subnet_id=self._pls_subnet_id, primary=True)
             ],
+            # Default ["*"]: Databricks' endpoint comes from its own subscription (spec.AzureSettings).
             visibility_subscription_ids=list(self._settings.pls_visibility_subscription_ids) or None,
             auto_approval_subscription_ids=list(self._settings.pls_auto_approval_subscription_ids) or None,
             tags=self._tags,
+            lifecycle=protected(hub),
         )
         self.lb_frontend_ip: str = str(self._plan.lb_frontend_ip)
         self.pls_id: str = pls.id

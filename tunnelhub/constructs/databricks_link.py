@@ -46,6 +46,7 @@ from cdktf_cdktf_provider_databricks.workspace_network_option import WorkspaceNe
 from constructs import Construct
 
 from tunnelhub import spec as S
+from tunnelhub.constructs.protect import protected
 
 CONNECTION_TYPES = {"mysql": "MYSQL", "postgresql": "POSTGRESQL", "sqlserver": "SQLSERVER", "oracle": "ORACLE"}
 """Unity Catalog connection type per route database type."""
@@ -53,7 +54,7 @@ FOREIGN_CATALOG_OPTION = {"postgresql": "database", "sqlserver": "database", "or
 """The foreign catalog option naming the remote database. MySQL has a two-level namespace: its
 foreign catalog mirrors every database of the server as a schema and takes no database option."""
 ENFORCEMENT_MODES = {"enforced": "ENFORCED", "dry_run": "DRY_RUN"}
-DEFAULT_APPROVAL_WAIT_S = 60
+DEFAULT_APPROVAL_WAIT_S = S.DEFAULT_APPROVAL_WAIT_S
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,9 +104,10 @@ class DatabricksLinkProps:
     azapi_provider: TerraformProvider | None = None
     """Azure/azapi, which approves the PLS connection. Required on Azure when
     ``serverless_enabled``; unused otherwise."""
-    approval_wait_s: int = DEFAULT_APPROVAL_WAIT_S
+    approval_wait_s: int | None = None
     """Seconds between creating the private endpoint rule and looking up the endpoint Databricks
-    creates for it (first deploy only; re-created with the rule). Default: 60."""
+    creates for it (first deploy only; re-created with the rule). Default: the spec's
+    ``databricks.approval_wait_s`` (600 unless set; see ``spec.DEFAULT_APPROVAL_WAIT_S``)."""
 
 
 class DatabricksLink(Construct):
@@ -172,7 +174,10 @@ class DatabricksLink(Construct):
         assert db is not None
         ns = Construct(self, "serverless")
         account = props.account_provider
-        ncc = MwsNetworkConnectivityConfig(ns, "ncc", provider=account, name=hub.ncc_name, region=hub.region)
+        # Guarded (protect): a replaced NCC or rule cuts serverless compute off the hub until the new
+        # endpoint is approved and the binding has propagated again.
+        ncc = MwsNetworkConnectivityConfig(ns, "ncc", provider=account, name=hub.ncc_name, region=hub.region,
+                                           lifecycle=protected(hub))
         target = props.target
         # Azure: the Private Link Service's resource id; AWS: the endpoint service's name.
         rule_target = (
@@ -185,7 +190,8 @@ class DatabricksLink(Construct):
             "endpoint_rule",
             provider=account,
             network_connectivity_config_id=ncc.network_connectivity_config_id,
-            domain_names=self.domain_names,
+            domain_names=self.domain_names,  # updated in place in databricks 1.99.0 (not ForceNew)
+            lifecycle=protected(hub),
             **rule_target,
         )
         binding = MwsNccBinding(
@@ -198,6 +204,7 @@ class DatabricksLink(Construct):
         binding.add_override("workspace_id", db.workspace_id)
 
         assert props.time_provider is not None  # _check
+        wait_s = _wait_s(props)
         if isinstance(target, AzureEndpointTarget):
             from tunnelhub.constructs.databricks_azure import approve_pls_connection
 
@@ -209,7 +216,7 @@ class DatabricksLink(Construct):
                 ncc_name=hub.ncc_name,
                 time_provider=props.time_provider,
                 azapi_provider=props.azapi_provider,
-                wait_s=props.approval_wait_s,
+                wait_s=wait_s,
             )
         else:
             from tunnelhub.constructs.databricks_aws import accept_vpc_endpoint
@@ -221,7 +228,7 @@ class DatabricksLink(Construct):
                 target=target,
                 account_provider=account,
                 time_provider=props.time_provider,
-                wait_s=props.approval_wait_s,
+                wait_s=wait_s,
             )
         self.ncc_id = ncc.network_connectivity_config_id
         self.private_endpoint_rule_id = rule.rule_id
@@ -415,8 +422,14 @@ def _check(props: DatabricksLinkProps) -> None:
         if hub.cloud == "azure" and props.azapi_provider is None:
             raise TypeError("an Azure hub with serverless_enabled needs azapi_provider (Azure/azapi) to approve "
                             "the private endpoint connection")
-        if not 0 <= props.approval_wait_s <= 3600:
-            raise TypeError(f"approval_wait_s must be 0-3600 seconds, not {props.approval_wait_s}")
+        if not 0 <= _wait_s(props) <= S.MAX_APPROVAL_WAIT_S:
+            raise TypeError(f"approval_wait_s must be 0-{S.MAX_APPROVAL_WAIT_S} seconds, not {_wait_s(props)}")
+
+
+def _wait_s(props: DatabricksLinkProps) -> int:
+    """The approval wait: the props' override, else the spec's ``databricks.approval_wait_s``."""
+    assert props.hub.databricks is not None
+    return props.approval_wait_s if props.approval_wait_s is not None else props.hub.databricks.approval_wait_s
 
 
 def approval_wait(
