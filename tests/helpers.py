@@ -135,7 +135,7 @@ def overrides_text() -> str:
         "approval_wait_s": DATABRICKS_OVERRIDE_WAIT_S,
     }
     azure = azure_hub(
-        name="ovz", network={"cidr": "10.61.0.0/24"}, protect=False,
+        name="ovz", network={"cidr": "10.61.0.0/24", "onprem_path": {"hub_vnet_id": HUB_VNET_ID}}, protect=False,
         databricks={**databricks, "workspace_id": "1234567890123457",
                     "workspace_host": "https://adb-1234567890123457.7.azuredatabricks.net"},
         azure={"pls_visibility_subscription_ids": ["11111111-2222-3333-4444-555555555555"],
