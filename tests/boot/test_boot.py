@@ -20,6 +20,7 @@ import json
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from nslab.boothub import (
@@ -116,8 +117,11 @@ def watch_boots(hub: BootHub, proxies: tuple[str, ...], *, timeout_s: float,
         if not pending:
             return
         if time.monotonic() > deadline:
+            stuck = list(dict.fromkeys(p for p, _ in pending))
+            path = write_diagnosis(hub, stuck)
             raise AssertionError(f"after {timeout_s:.0f} s still waiting for {pending}; "
-                                 + "; ".join(f"{p}: {hub.cloud_init_status(p)}" for p in proxies))
+                                 + "; ".join(f"{p}: {hub.cloud_init_status(p)}" for p in proxies)
+                                 + f"; journals of the stuck proxies and the tunnel host: {path}")
         for proxy in dict.fromkeys(p for p, _ in pending):
             boot = hub.boots[proxy]
             if "cloud-init done" not in boot.marks and hub.cloud_init_status(proxy).get("status") in ("done", "error"):
@@ -131,6 +135,28 @@ def watch_boots(hub: BootHub, proxies: tuple[str, ...], *, timeout_s: float,
                     hub.lb_for(proxy).server_status(lb_backend(hub, proxy), proxy) == "UP":
                 boot.mark("in rotation (LB UP)")
         time.sleep(0.2)
+
+
+def write_diagnosis(hub: BootHub, proxies: list[str]) -> Path:
+    """What a proxy that never served was doing: its failed units, the tunnelhub units' and the
+    data plane's journal, the health answer; and the tunnel host's tunnel units. Written to the lab's
+    log directory (a failing run keeps it) and returned, so a CI failure says why."""
+    parts = []
+    for node in [*proxies, "onprem"]:
+        machine = hub.machine(node)
+        try:
+            parts.append(f"===== {node}: failed units: {machine.failed_units()}")
+            units = (["-u", "tunnelhub-*", "-u", "ssh.service", "-u", "haproxy.service", "-u", "cloud-final.service"]
+                     if node != "onprem" else ["-u", "tunnelhub-*"])
+            parts.append(machine.journal(*units, "-n", "300"))
+            if node != "onprem":
+                parts.append(f"--- health {hub.health_json(node, f'/routes/{hub.route_of(node)}')}")
+                parts.append(machine.run(["ss", "-ltnp"], check=False).stdout)
+        except Exception as exc:  # noqa: BLE001 - a diagnosis must not hide the failure it explains
+            parts.append(f"({node}: could not read: {exc})")
+    path = hub.lab.log_dir / "stuck-boot-diagnosis.log"
+    path.write_text("\n".join(parts))
+    return path
 
 
 def cloud_init_problems(hub: BootHub, proxy: str) -> dict[str, list[str]]:
