@@ -1,7 +1,8 @@
 """The ``tunnelhub`` command: thin click commands over the library functions.
 
 User errors (a bad spec, a missing file) print one clear message and exit 1; bad arguments exit 2;
-neither prints a traceback.
+neither prints a traceback. ``status`` is the exception: its exit code says how the routes are
+(0 up, 1 not all up, 3 nobody answered), so its input errors exit 2.
 """
 
 from __future__ import annotations
@@ -247,6 +248,129 @@ def render_config(spec: Path | None, hub_name: str | None, out: Path | None) -> 
              f"({channel}); {len(hub.routes)} route(s), {len(hub.onprem.tunnel_public_keys)} tunnel key(s)")
     if out is not None:
         progress(f"wrote {out}")
+
+
+def _duration(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    s = int(seconds)
+    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            rest = (s % size) // subsize
+            return f"{s // size}{unit}{rest}{sub}" if rest else f"{s // size}{unit}"
+    return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
+
+
+class StatusInputError(click.ClickException):
+    """A spec or outputs problem in `tunnelhub status`: exit 2, because 1 means "a route is not up"."""
+
+    exit_code = 2
+
+
+@main.command()
+@required_spec_argument
+@click.option("--hub", "hub_name", metavar="NAME", help="The hub to ask (default: the spec's only hub).")
+@click.option("--outputs", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE", required=True,
+              help="The hub stack outputs (`cdktf output --outputs-file FILE` or `terraform output -json > FILE`): "
+                   "the proxies' addresses come from proxy_private_ips (Azure) / slot_private_ips (AWS).")
+@click.option("--json", "as_json", is_flag=True, help="Print the documented JSON (schema 1) instead of tables.")
+@click.option("--timeout-s", type=click.FloatRange(min=0.1, max=60), default=2.0, show_default=True,
+              help="Per-proxy connect and answer timeout; all proxies are asked at once.")
+def status(spec: Path, hub_name: str | None, outputs: Path, as_json: bool, timeout_s: float) -> None:
+    """Ask every proxy's health endpoint how each route is: per route and proxy, then per route.
+
+    Run it from a machine that may reach the proxies' health port: the stacks admit it only from the
+    load balancer and the hub's proxies (Azure: the proxy subnet; AWS: the proxy security group), plus
+    monitoring.scrape_cidrs where the spec has it. A proxy it cannot reach is named, with why.
+
+    \b
+    Exit codes:
+      0  every route is up on every proxy
+      1  some route is degraded or down, or some proxy did not answer
+      2  bad arguments, spec or outputs file
+      3  no proxy answered at all (route health unknown)
+
+    --json prints {"schema": 1, "hub", "cloud", "health_port", "expected_config_version",
+    "exit_code", "summary", "proxies": [{"slot", "address", "reachable", "error", "detail",
+    "http_status", "config_version", "uptime_s"}], "routes": [{"route", "in_spec", "state",
+    "serving", "asked", "proxies", "per_proxy": [{"slot", "address", "state", "reason", "warning",
+    "since_s", "age_s", "config_version"}]}]} (README "Operations").
+    """
+    from tunnelhub import onprem as O
+    from tunnelhub import status as T
+    from tunnelhub.onprem.outputs import PRIVATE_IPS_OUTPUTS
+    from tunnelhub.userdata import UserDataError, render_document
+
+    try:
+        loaded = S.load_spec(spec)
+    except S.SpecError as exc:
+        raise StatusInputError(str(exc)) from None
+    hub = pick_hub(loaded, hub_name)
+    output_name = PRIVATE_IPS_OUTPUTS[hub.cloud]
+    try:
+        stack_outputs = O.read_outputs(outputs, hub.stack_name)
+    except O.OnpremError as exc:
+        raise StatusInputError(str(exc)) from None
+    addresses = list(stack_outputs.private_ips.get(output_name, ()))
+    if not addresses:
+        raise StatusInputError(
+            f"{stack_outputs.source} has no {output_name} output (the proxies' addresses on a {hub.cloud} hub): "
+            f"write the file from the deployed stack with `cdktf output {hub.stack_name} --outputs-file {outputs}`")
+    if len(addresses) != hub.proxies.count:
+        progress(f"warning: {stack_outputs.source} lists {len(addresses)} proxies, the spec has proxies.count "
+                 f"{hub.proxies.count}: asking the {len(addresses)} deployed (is the stack up to date?)")
+    try:
+        expected = render_document(hub).version
+    except UserDataError:
+        expected = None
+    port = hub.proxies.health_port
+    answers = T.ask_all(addresses, port, timeout_s)
+    result = T.report(hub, addresses, answers, expected)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        sys.exit(result["exit_code"])
+    click.echo(f"hub {hub.name} ({hub.cloud}): {len(addresses)} proxies from {stack_outputs.source}, "
+               f"health port {port}" + (f"; the spec renders configuration {expected}" if expected else ""))
+    table = []
+    for row in result["routes"]:
+        for cell in row["per_proxy"]:
+            reason = cell["reason"] or ""
+            if cell["warning"]:
+                reason += f" (warning: {cell['warning']})"
+            table.append({"route": row["route"] + ("" if row["in_spec"] else " (not in spec)"),
+                          "proxy": f"{cell['slot']} {cell['address']}", "state": cell["state"].upper(),
+                          "since": _duration(cell["since_s"]),
+                          "checked": None if cell["age_s"] is None else f"{_duration(cell['age_s'])} ago",
+                          "config": cell["config_version"], "reason": reason or None})
+    print_table(table, ["route", "proxy", "state", "since", "checked", "config", "reason"])
+    click.echo("")
+    click.echo("routes:")
+    width = max((len(r["route"]) for r in result["routes"]), default=0)
+    for row in result["routes"]:
+        if row["state"] == "unknown":
+            how = "no proxy answered"
+        else:
+            how = f"{row['serving']} of {row['proxies']} proxies serve it"
+            not_serving = [c for c in row["per_proxy"] if c["state"] in ("down", "missing")]
+            if not_serving:
+                how += "; not on " + ", ".join(f"slot {c['slot']} ({c['reason']})" for c in not_serving)
+            unasked = [c for c in row["per_proxy"] if c["state"] == "unreachable"]
+            if unasked:
+                how += "; unknown on " + ", ".join(f"slot {c['slot']}" for c in unasked)
+        click.echo(f"  {row['route'].ljust(width)}  {row['state'].upper():<8}  {how}")
+    stale = [a for a in answers if a.reachable and expected and a.config_version != expected]
+    for a in stale:
+        click.echo(f"  note: slot {a.slot} runs configuration {a.config_version or 'unversioned'}, the spec renders "
+                   f"{expected} (not applied yet, or the spec changed since the deploy)")
+    unreachable = [a for a in answers if not a.reachable]
+    if unreachable:
+        click.echo("")
+        click.echo("proxies that did not answer:")
+        for a in unreachable:
+            click.echo(f"  {T.unreachable_advice(a, hub, port)}")
+    click.echo("")
+    click.echo(result["summary"])
+    sys.exit(result["exit_code"])
 
 
 @main.group()

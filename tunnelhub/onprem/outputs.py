@@ -6,6 +6,9 @@ Each hub stack has two top-level Terraform outputs for the tunnel host:
   (authoritative when present: AWS Elastic IPs are only known after deploy);
 - ``host_public_key``: the OpenSSH public key line of the hub host key every proxy presents.
 
+and one for ``tunnelhub status`` (the proxies' health endpoints, by slot): ``proxy_private_ips``
+(Azure) or ``slot_private_ips`` (AWS).
+
 Two file formats are read:
 
 - ``cdktf output --outputs-file F`` / ``cdktf deploy --outputs-file F``:
@@ -23,7 +26,7 @@ import binascii
 import hashlib
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ COMMENT_KEY = "//"
 ENDPOINTS_OUTPUT = "tunnel_endpoints"
 HOST_KEY_OUTPUT = "host_public_key"
 HOST_KEY_TYPE = "ssh-ed25519"
+PRIVATE_IPS_OUTPUTS = {"azure": "proxy_private_ips", "aws": "slot_private_ips"}
 
 
 class OnpremError(ValueError):
@@ -50,6 +54,9 @@ class StackOutputs:
     """The addresses the tunnel host dials, by slot (None: the stack has no such output)."""
     host_public_key: str | None = None
     """``ssh-ed25519 <base64>`` of the hub host key, comment dropped (None: no such output)."""
+    private_ips: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """By output name (``proxy_private_ips`` / ``slot_private_ips``): the proxies' private
+    addresses, by slot; only the outputs the stack has."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,20 @@ def parse_outputs(data: Any, stack: str, source: str) -> StackOutputs:
         source=where,
         tunnel_endpoints=_endpoints(values.get(ENDPOINTS_OUTPUT), where),
         host_public_key=_host_key(values.get(HOST_KEY_OUTPUT), where),
+        private_ips={name: _private_ips(values[name], name, where)
+                     for name in PRIVATE_IPS_OUTPUTS.values() if values.get(name) is not None},
     )
+
+
+def _private_ips(value: Any, name: str, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise OnpremError(f"{where}: {name} must be a list of IP addresses (strings), got {_short(value)}")
+    for v in value:
+        try:
+            ip_address(v)
+        except ValueError:
+            raise OnpremError(f"{where}: {name}: {v!r} is not an IP address") from None
+    return tuple(value)
 
 
 def _endpoints(value: Any, where: str) -> tuple[str, ...] | None:
