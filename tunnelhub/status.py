@@ -97,7 +97,7 @@ def ask(slot: int, address: str, port: int, timeout_s: float) -> ProxyAnswer:
         answer.error, answer.detail = "timeout", f"no answer within {timeout_s:g} s"
         return answer
     except ConnectionRefusedError:
-        answer.error, answer.detail = "refused", "connection refused"
+        answer.error, answer.detail = "refused", "connection refused (nothing listens on the health port)"
         return answer
     except (http.client.HTTPException, ConnectionError) as exc:
         answer.error, answer.detail = "bad-answer", f"not an HTTP answer ({type(exc).__name__}: {exc})"
