@@ -292,7 +292,7 @@ def status(spec: Path, hub_name: str | None, outputs: Path, as_json: bool, timeo
 
     --json prints {"schema": 1, "hub", "cloud", "health_port", "expected_config_version",
     "exit_code", "summary", "proxies": [{"slot", "address", "reachable", "error", "detail",
-    "http_status", "config_version", "uptime_s"}], "routes": [{"route", "in_spec", "state",
+    "http_status", "config_version", "uptime_s", "reconciler": {"state", "detail"}}], "routes": [{"route", "in_spec", "state",
     "serving", "asked", "proxies", "per_proxy": [{"slot", "address", "state", "reason", "warning",
     "since_s", "age_s", "config_version"}]}]} (README "Operations").
     """
@@ -362,6 +362,10 @@ def status(spec: Path, hub_name: str | None, outputs: Path, as_json: bool, timeo
     for a in stale:
         click.echo(f"  note: slot {a.slot} runs configuration {a.config_version or 'unversioned'}, the spec renders "
                    f"{expected} (not applied yet, or the spec changed since the deploy)")
+    for a in answers:
+        rec = a.reconciler
+        if rec is not None and rec["state"] not in (None, "applied"):
+            click.echo(f"  note: slot {a.slot} reconciler {rec['state']}" + (f": {rec['detail']}" if rec["detail"] else ""))
     unreachable = [a for a in answers if not a.reachable]
     if unreachable:
         click.echo("")

@@ -20,7 +20,9 @@ JSON (``--json``, ``SCHEMA`` 1; keys are only ever added)::
      "proxies": [{"slot": 0, "address": "10.60.0.5", "reachable": true,
                   "error": null | "timeout" | "refused" | "unreachable" | "bad-answer",
                   "detail": null | "<text>", "http_status": 200 | 503 | null,
-                  "config_version": "<version>" | null, "uptime_s": 12.5 | null}],
+                  "config_version": "<version>" | null, "uptime_s": 12.5 | null,
+                  "reconciler": null | {"state": "applied" | "waiting" | "refused" | "failed" | ...,
+                                        "detail": "<why>" | null}}],
      "routes": [{"route": "orders-mysql", "in_spec": true,
                  "state": "up" | "degraded" | "down" | "unknown",
                  "serving": 2, "asked": 2, "proxies": 2,
@@ -77,11 +79,23 @@ class ProxyAnswer:
         version = self.body.get("config_version")
         return version if isinstance(version, str) else None
 
+    @property
+    def reconciler(self) -> dict[str, Any] | None:
+        """The reconciler's state as the proxy reports it (docs/live-config.md): ``state`` applied /
+        waiting / refused / failed, and why (``detail``, or the pending document's ``reason``)."""
+        raw = self.body.get("reconciler")
+        if not isinstance(raw, dict):
+            return None
+        pending = raw.get("pending") if isinstance(raw.get("pending"), dict) else {}
+        why = pending.get("reason") or raw.get("detail")
+        return {"state": raw.get("state") if isinstance(raw.get("state"), str) else None,
+                "detail": why if isinstance(why, str) and why else None}
+
     def as_dict(self) -> dict[str, Any]:
         uptime = self.body.get("uptime_s")
         return {"slot": self.slot, "address": self.address, "reachable": self.reachable, "error": self.error,
                 "detail": self.detail, "http_status": self.http_status, "config_version": self.config_version,
-                "uptime_s": uptime if isinstance(uptime, (int, float)) else None}
+                "uptime_s": uptime if isinstance(uptime, (int, float)) else None, "reconciler": self.reconciler}
 
 
 def ask(slot: int, address: str, port: int, timeout_s: float) -> ProxyAnswer:
