@@ -364,3 +364,22 @@ def test_unknown_hub_and_bad_spec_exit_2(tmp_path):
     result = run(str(bad), "--outputs", str(outputs))
     assert result.exit_code == 2 and "hubs[0].colour: unknown key 'colour'" in result.output
     no_traceback(result)
+
+
+def test_outputs_that_disagree_with_proxies_count_are_asked_with_a_warning(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text({**azure_hub(), "proxies": {"count": 2, "health_port": shared_port(["127.0.0.10"])}}))
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text(json.dumps({"weu-azure": {"proxy_private_ips": ["127.0.0.10"]}}))
+    result = run(str(spec), "--outputs", str(outputs))
+    assert result.exit_code == 3, result.output
+    assert "lists 1 proxies, the spec has proxies.count 2: asking the 1 deployed" in result.output
+
+
+def test_several_hubs_need_hub(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(azure_hub(), aws_hub()))
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text(json.dumps({"weu-azure": {"proxy_private_ips": ["127.0.0.10"]}}))
+    result = run(str(spec), "--outputs", str(outputs))
+    assert result.exit_code == 2 and "the spec has several hubs (weu, use): choose one with --hub NAME" in result.output
