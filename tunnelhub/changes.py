@@ -60,7 +60,7 @@ FORCE_NEW: dict[str, frozenset[str]] = {
     "aws_lb_target_group": frozenset({"name", "name_prefix", "port", "protocol", "protocol_version", "target_type",
                                       "vpc_id"}),
     "aws_lb_target_group_attachment": frozenset({"availability_zone", "target_group_arn", "target_id", "port"}),
-    # terraform-provider-databricks mws/resource_mws_ncc_private_endpoint_rule.go@v1.106.0: domain_names is
+    # terraform-provider-databricks mws/resource_mws_ncc_private_endpoint_rule.go@v1.106.0 and @v1.118.0: domain_names is
     # in the update mask; these force a new rule (a new endpoint to approve).
     "databricks_mws_ncc_private_endpoint_rule": frozenset({"network_connectivity_config_id", "endpoint_service",
                                                            "group_id", "resource_id"}),
@@ -317,3 +317,25 @@ def stack_reports(previous: dict[str, dict], current: dict[str, dict], *, names:
             continue
         reports.append(StackReport(name, False, live, differ(before, after)))
     return reports
+
+
+def guarded_removals(previous: dict[str, dict], current: dict[str, dict], *,
+                     protected: dict[str, bool]) -> list[str]:
+    """What a new synthesis removes that ``prevent_destroy`` cannot guard: a resource the previous
+    output held with ``lifecycle.prevent_destroy`` whose block is gone from the new one (its stack
+    still synthesized, its hub still ``protect: true``). Terraform's guard "does not prevent the
+    remote object from being destroyed if the resource block were removed from configuration
+    entirely" (Terraform docs, The lifecycle meta-argument): ``serverless_enabled: false`` or a
+    removed ``databricks:`` block would destroy the NCC and its endpoint rule on the next apply with
+    no question asked. One line per removal, naming the stack and the address."""
+    out = []
+    for name, after in current.items():
+        before = previous.get(name)
+        if before is None or not protected.get(name, True):
+            continue
+        kept = resources(after)
+        for address, body in resources(before).items():
+            lifecycle = body.get("lifecycle") or {}
+            if lifecycle.get("prevent_destroy") is True and address not in kept:
+                out.append(f"{name}: {address}")
+    return out

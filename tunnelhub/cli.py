@@ -136,7 +136,7 @@ def synth(spec: Path | None, hubs: tuple[str, ...], out: Path, jobs: int | None,
     document the proxies apply in place: routes and keys added, removed, changed) and whether any
     proxy would be replaced or restarted (and why).
     """
-    from tunnelhub.changes import read_stacks, stack_reports
+    from tunnelhub.changes import guarded_removals, read_stacks, stack_reports
     from tunnelhub.synth import SynthError, synthesize
 
     loaded = load(spec)
@@ -147,8 +147,22 @@ def synth(spec: Path | None, hubs: tuple[str, ...], out: Path, jobs: int | None,
     for line in S.ncc_binding_warnings(selected):
         click.echo(f"tunnelhub: {line}", err=True)
     previous = read_stacks(out)
+    protected = {h.stack_name: h.protect for h in loaded.hubs}
+
+    def guard(new_out: Path) -> None:
+        removed = guarded_removals(previous, read_stacks(new_out), protected=protected)
+        if removed:
+            raise SynthError(
+                "this synthesis removes resources the protect guard covers, and Terraform's "
+                "prevent_destroy does not stop the destroy of a removed block: "
+                + "; ".join(removed)
+                + ". Nothing was written. If that is intended (docs/teardown.md), set protect: false "
+                "on the hub and synthesize again; otherwise restore what removed them (e.g. "
+                "databricks.serverless_enabled).")
+
     try:
-        results = synthesize(loaded, out, hubs=list(hubs) or None, progress=progress, jobs=jobs, reuse=not no_reuse)
+        results = synthesize(loaded, out, hubs=list(hubs) or None, progress=progress, jobs=jobs,
+                             reuse=not no_reuse, guard=guard)
     except (S.SpecError, SynthError) as exc:
         raise click.ClickException(str(exc)) from None
     reports = stack_reports(previous, read_stacks(out), names=[r.name for r in results])

@@ -23,10 +23,15 @@ PROVIDER_VERSIONS: dict[str, str] = {
     # updated for ncc endpoint rules"), released in v1.106.0 (CHANGELOG.md, "Release v1.106.0":
     # "Fix the databricks_mws_ncc_private_endpoint_rule resource to support updates for non-S3
     # endpoint rules"); @v1.106.0 the mask holds `enabled` only `if d.HasChange("enabled")`, and
-    # domain_names stays updatable in place (not ForceNew). CHANGELOG 1.100.0-1.106.0 changes none
-    # of the resources or attributes these stacks use (NCC, rule, binding, network policy and
-    # option, connection, catalog).
-    "databricks": ">= 1.106.0, < 2.0.0",
+    # domain_names stays updatable in place (not ForceNew). And 1.106.0-1.117.x still fail an
+    # update of the same rule once the API's echoed `account_id` is in state (a plan shows
+    # `account_id -> null`, the apply fails with "Update mask must be specified": issue #5347),
+    # fixed by PR #5795 (`account_id` Computed), released in v1.118.0 (CHANGELOG.md, "Release
+    # v1.118.0"). CHANGELOG 1.100.0-1.118.0 changes none of the other resources or attributes these
+    # stacks use (NCC, binding, network policy and option, connection, catalog) and lists no breaking
+    # change for them. A stack whose .terraform.lock.hcl holds an older release needs
+    # `terraform init -upgrade` once (docs/databricks.md).
+    "databricks": ">= 1.118.0, < 2.0.0",
     # azurerm 4.55.0: the version the bindings (cdktf-cdktf-provider-azurerm 14.23.1) and the
     # ForceNew citations in tunnelhub/changes.py and docs/live-config.md were checked against.
     "azurerm": ">= 4.55.0, < 5.0.0",

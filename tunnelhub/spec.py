@@ -59,7 +59,7 @@ ALLOWED_EGRESS = {"azure": ("nat_gateway", "none"), "aws": ("slot_eip", "nat_gat
 DEFAULT_APPROVAL_WAIT_S = 600
 """The wait before looking up the endpoint Databricks creates for a new rule. Databricks
 documents no creation time; databricks provider 1.99.0 returns the rule while it is still
-CREATING, and the provider's own fix (terraform-provider-databricks PR #5743) polls that state
+CREATING, and an open, unreleased provider change (terraform-provider-databricks PR #5743) would poll that state
 for up to 30 minutes. 60 s usually ended before the endpoint existed; 10 minutes covers a typical
 endpoint creation (a few minutes) with margin. Only a first deploy or a replaced rule waits."""
 MAX_APPROVAL_WAIT_S = 3600
@@ -517,7 +517,8 @@ class OnPremPath(_Model):
     the hub VNet forwards on-prem traffic itself (a firewall/NVA you route with UDRs)."""
     remote_peering_enabled: bool = True
     """hub_vnet_id: create the hub VNet's half too (needs rights there, and the stack's
-    subscription); false: you create it, with allow_gateway_transit, before our half applies."""
+    subscription); false: you create it, with allow_gateway_transit, once the hub VNet exists (our
+    half fails until then: apply again after it)."""
     virtual_hub_id: AzureResourceId | None = None
     """A Virtual WAN hub with the ExpressRoute/VPN gateway: the stack connects the VNet to it."""
     internet_security_enabled: bool = False

@@ -79,11 +79,14 @@ def synthesize(
     progress: Progress = lambda message: None,
     jobs: int | None = None,
     reuse: bool = True,
+    guard: Callable[[Path], None] | None = None,
 ) -> list[StackResult]:
     """Synthesize the selected hubs (all by default) into ``out``; return one result per stack.
 
     ``jobs``: worker processes for hubs that need synthesis (default: ``$TUNNELHUB_SYNTH_JOBS``,
-    else the number of CPUs); 1 synthesizes in this process.
+    else the number of CPUs); 1 synthesizes in this process. ``guard`` is called with the new
+    output directory before it replaces ``out``; a :class:`SynthError` it raises leaves ``out``
+    as it was.
     """
     selected = spec.select(hubs)
     out = Path(out).resolve()
@@ -115,6 +118,8 @@ def synthesize(
         manifest.setdefault("version", old_manifest.get("version"))
         _write_manifest(tmp, manifest, all_stacks)
         _write_index(tmp, {n: keys.get(n) or index.get(n, {}).get("key") for n in manifest["stacks"]})
+        if guard is not None:
+            guard(tmp)
         _swap_into_place(tmp, out, progress)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -62,10 +62,10 @@ IN_PLACE: dict[str, frozenset[str]] = {
     "databricks_mws_network_connectivity_config": frozenset(),
     "databricks_mws_ncc_binding": frozenset(),
     # domain_names is in the update mask, not ForceNew: terraform-provider-databricks
-    # mws/resource_mws_ncc_private_endpoint_rule.go@v1.106.0 (ForceNew only endpoint_service,
+    # mws/resource_mws_ncc_private_endpoint_rule.go@v1.106.0 and @v1.118.0 (ForceNew only endpoint_service,
     # group_id, resource_id, network_connectivity_config_id; `if d.HasChange("domain_names")`
     # appends it to the update mask). 1.99.0 sent `enabled` too, which Azure refuses: hence the
-    # >= 1.106.0 floor (tunnelhub/providers.py).
+    # >= 1.118.0 floor (tunnelhub/providers.py; #5347 too).
     "databricks_mws_ncc_private_endpoint_rule": frozenset({"domain_names"}),
 }
 PER_ROUTE = ("azurerm_lb_rule", "azurerm_lb_probe", "aws_lb_listener", "aws_lb_target_group",
@@ -150,3 +150,49 @@ def test_resources_are_created_only_for_what_the_change_adds(impact, name):
             assert {kind(a) for a in created} <= {"aws_vpc_security_group_ingress_rule"}, created
         else:
             assert created == [], (name, stack, created)
+
+
+def test_synth_refuses_to_drop_a_guarded_resource_while_the_hub_is_protected(tmp_path):
+    """``prevent_destroy`` "does not prevent the remote object from being destroyed if the resource
+    block were removed from configuration entirely" (Terraform docs, The lifecycle meta-argument):
+    turning serverless off removes the NCC and its endpoint rule from the stack, and the next
+    apply would destroy them without a question. ``tunnelhub synth`` compares with the previous
+    output and refuses (writing nothing) until the hub says ``protect: false``."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from tests.conftest import EXAMPLE_SPEC
+    from tunnelhub.cli import main
+
+    out = tmp_path / "cdktf.out"
+    runner = CliRunner()
+    first = runner.invoke(main, ["synth", str(EXAMPLE_SPEC), "--hub", "weu", "--out", str(out), "--jobs", "1"])
+    assert first.exit_code == 0, first.output
+    manifest = (out / "manifest.json").read_text()
+    stack = json.loads((out / "stacks" / "weu-azure" / "cdk.tf.json").read_text())
+
+    def without_serverless(protect: bool) -> str:
+        data = yaml.safe_load(EXAMPLE_SPEC.read_text())
+        for hub in data["hubs"]:
+            hub["databricks"]["serverless_enabled"] = False
+            hub["databricks"].pop("network_policy", None)
+            if not protect:
+                hub["protect"] = False
+        path = tmp_path / f"off-{protect}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return str(path)
+
+    refused = runner.invoke(main, ["synth", without_serverless(True), "--hub", "weu", "--out", str(out), "--jobs", "1"])
+    assert refused.exit_code != 0
+    assert "removes resources the protect guard covers" in refused.output
+    ncc = next(iter(stack["resource"]["databricks_mws_network_connectivity_config"]))
+    assert f"weu-azure: databricks_mws_network_connectivity_config.{ncc}" in refused.output
+    assert "set protect: false" in refused.output and "Traceback" not in refused.output
+    assert (out / "manifest.json").read_text() == manifest  # nothing was written
+    assert json.loads((out / "stacks" / "weu-azure" / "cdk.tf.json").read_text()) == stack
+    allowed = runner.invoke(main, ["synth", without_serverless(False), "--hub", "weu", "--out", str(out), "--jobs", "1"])
+    assert allowed.exit_code == 0, allowed.output
+    after = json.loads((out / "stacks" / "weu-azure" / "cdk.tf.json").read_text())
+    assert "databricks_mws_network_connectivity_config" not in after.get("resource", {})

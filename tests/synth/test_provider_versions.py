@@ -5,7 +5,10 @@ Why the databricks floor is 1.106.0: terraform-provider-databricks issue #5306 (
 Azure ``databricks_mws_ncc_private_endpoint_rule``, such as a new route's ``domain_names``, fails
 with "Updating fields enabled for Azure private endpoint rule ... is not supported"), because
 ``mws/resource_mws_ncc_private_endpoint_rule.go`` @v1.99.0 always puts ``enabled`` in the update
-mask; fixed by PR #5326, released in v1.106.0 (CHANGELOG.md, "Release v1.106.0").
+mask; fixed by PR #5326, released in v1.106.0 (CHANGELOG.md, "Release v1.106.0"); and until
+v1.118.0 the same update failed with "Update mask must be specified" once the API's echoed
+``account_id`` was in state (issue #5347, PR #5795, CHANGELOG.md "Release v1.118.0"): the floor
+is 1.118.0.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ def test_every_stack_requires_exactly_the_tables_versions(example):
 
 def test_databricks_floor_admits_the_fix_and_refuses_the_broken_release():
     databricks = specifier(PROVIDER_VERSIONS["databricks"])
-    assert Version("1.106.0") in databricks
+    assert Version("1.118.0") in databricks
     assert Version("1.99.0") not in databricks and Version("1.105.0") not in databricks
+    assert Version("1.117.0") not in databricks  # issue #5347, fixed by PR #5795 in v1.118.0
     assert Version("2.0.0") not in databricks
 
 

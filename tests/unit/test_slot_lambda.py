@@ -703,6 +703,38 @@ def test_a_twin_that_pushed_the_kept_slots_eip_off_gets_it_put_back(lab: Lab) ->
     assert [c.kwargs["AllocationId"] for c in lab.spy.named("associate_address")] == [lab.pool[0], lab.pool[0]]
 
 
+def test_a_stale_read_after_a_twin_displaced_the_kept_eip_still_puts_it_back(lab: Lab) -> None:
+    """DescribeAddresses is eventually consistent ("the results of the API calls ... might not
+    immediately reflect", EC2 API reference, Eventual consistency): right after the twin's claim
+    of slot 2 displaced our slot 0 EIP, the settle step's reads may still show the old picture
+    (EIP 0 on this ENI, EIP 2 free). The restore must associate EIP 0 again without trusting
+    them, or the proxy is left with no EIP of its own slot (issue 13 review)."""
+    lab.allocate_pool(4)
+    plan = private_plan(lab)
+    instance_id, token = lab.launch(lab.subnet_a)
+    reads = {"count": 0}
+    stale: dict[str, Any] = {}
+
+    def twin_claims_slot_2_and_reads_go_stale(call: Any, kwargs: dict[str, Any]) -> Any:
+        reads["count"] += 1
+        if reads["count"] == 2:  # the settle step's read, after our claim of slot 0
+            before = call(**kwargs)
+            stale["addresses"] = before["Addresses"]  # EIP 0 on this ENI, EIP 2 free
+            eni = lab.eni(instance_id)
+            lab.ec2.assign_private_ip_addresses(NetworkInterfaceId=eni, PrivateIpAddresses=[plan[2].ip])
+            lab.associate(lab.pool[2], eni)  # displaces EIP 0
+        if reads["count"] >= 2:
+            return {**call(**kwargs), "Addresses": stale["addresses"]}
+        return call(**kwargs)
+
+    lab.spy.hooks["describe_addresses"] = twin_claims_slot_2_and_reads_go_stale
+    record = lab.assigner(private_ips=plan).handle(launch_event(instance_id, token))
+    assert (record["decision"], record["slot"]) == ("assigned", 0)
+    assert lab.slots_on(instance_id) == [0]
+    assert lab.eip(2).get("AssociationId") is None
+    assert plan[2].ip not in lab.private_ips(instance_id)
+
+
 def test_a_tagged_slot_whose_eip_looks_free_is_taken_again(lab: Lab) -> None:
     # GIVEN an earlier delivery tagged slot 1, but its association is not visible (lost, or
     # EC2's eventual consistency)

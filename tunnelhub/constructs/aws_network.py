@@ -224,8 +224,11 @@ class AwsNetwork(Construct):
                 self.ready.append(
                     RouteTableAssociation(assoc_ns, f"proxy-zone{z}", subnet_id=subnet.id, route_table_id=internet.id)
                 )
+            # route: a list even when empty: the provider reads an omitted `route` as "ignore the
+            # table's routes" and only [] as "manage none" (aws 6.25.0 docs, r/route_table), so
+            # removing databricks.classic later must not leave a route to the deleted peering.
             local_only = RouteTable(
-                self, "nlb-routes", vpc_id=vpc.id, route=to_classic or None, tags={"Name": f"{name}-nlb"}
+                self, "nlb-routes", vpc_id=vpc.id, route=to_classic, tags={"Name": f"{name}-nlb"}
             )
             for z, subnet in enumerate(nlb_subnets):
                 RouteTableAssociation(assoc_ns, f"nlb-zone{z}", subnet_id=subnet.id, route_table_id=local_only.id)

@@ -632,11 +632,28 @@ class SlotAssigner:
         # address already has when another is associated with it ("If you associate an Elastic
         # IP address with an instance that has an existing Elastic IP address, the existing
         # address is disassociated", EC2 User Guide, Elastic IP addresses): the twin's claim may
-        # have pushed the kept slot's EIP off. Put it back (a no-op when it is still there).
+        # have pushed the kept slot's EIP off. Put it back. DescribeAddresses is eventually
+        # consistent, so a read right after the twin's association may still show the kept EIP
+        # here: associate it again without trusting that read. With a private address, the slot's
+        # IP on this ENI (AssignPrivateIpAddresses with AllowReassignment=False) is the lock that
+        # makes the EIP this instance's, so AllowReassociation=True cannot take another launch's.
+        address = self.config.private_ips.get(keep)
+        current = self._describe_instance(instance.instance_id)
+        if address is not None and address.ip in current.private_ips:
+            response = self.ec2.associate_address(
+                AllocationId=by_slot[keep].allocation_id,
+                NetworkInterfaceId=current.eni_id,
+                PrivateIpAddress=current.primary_ip,
+                AllowReassociation=True,
+            )
+            kept = dataclasses.replace(by_slot[keep], association_id=response.get("AssociationId", ""),
+                                       instance_id=current.instance_id, eni_id=current.eni_id,
+                                       private_ip=current.primary_ip)
+            return kept, released
         pool, _ = self._read_pool()
-        current = {eip.slot: eip for eip in pool}.get(keep, by_slot[keep])
+        fresh_eip = {eip.slot: eip for eip in pool}.get(keep, by_slot[keep])
         try:
-            kept = self._take(current, self._describe_instance(instance.instance_id), rollback=False)
+            kept = self._take(fresh_eip, current, rollback=False)
         except SlotTaken as exc:
             raise SlotUnsettled(f"this instance keeps slot {keep} but {exc}") from None
         return kept, released
