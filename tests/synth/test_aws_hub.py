@@ -832,7 +832,7 @@ def test_stack_outputs(stacks, hubs):
             databricks.add("classic_peering_id")
         assert set(out) == {"endpoint_service_name", "nlb_dns_name", "slot_public_ips", "slot_private_ips",
                             "tunnel_endpoints", "host_public_key", "asg_name", "egress_public_ips", "port_plan",
-                            "config_version"} | databricks
+                            "config_version", "alerts_topic_arn"} | databricks
         assert out["endpoint_service_name"] == ref(stack, "aws_vpc_endpoint_service", "endpoint-service", "service_name")
         assert out["nlb_dns_name"] == ref(stack, "aws_lb", "nlb/lb", "dns_name")
         assert out["slot_public_ips"] == [ref(stack, "aws_eip", f"slots/eip{n}", "public_ip")
