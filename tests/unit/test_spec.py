@@ -870,3 +870,24 @@ def test_monitoring_receivers_without_alerts_or_twice_are_refused():
     message = spec_errors(aws_hub(monitoring={"email": ["ops@example.com", "OPS@example.com"]}))
     assert "monitoring.email[1]" in message and "listed twice (email[0])" in message
     assert "unknown key 'emails' (did you mean 'email'?)" in spec_errors(azure_hub(monitoring={"emails": ["a@b.co"]}))
+
+
+@pytest.mark.parametrize("interval, threshold, detection, window, azure, periods", [
+    (5, 2, 10, 60, "PT1M", 1),        # the defaults: one metric minute
+    (30, 2, 60, 60, "PT1M", 1),
+    (30, 5, 150, 180, "PT5M", 3),     # Azure has no 3-minute window: the next allowed one
+    (60, 10, 600, 600, "PT15M", 10),
+    (300, 10, 3000, 3000, "PT1H", 50),
+])
+def test_alert_timing_is_the_probe_detection_time_in_whole_metric_minutes(interval, threshold, detection, window,
+                                                                         azure, periods):
+    """D = probe_interval_s x probe_threshold (the LB takes a proxy out after that long); W = D
+    rounded up to whole minutes, at least one (both clouds' LB metrics have a one-minute grain);
+    Azure takes the smallest allowed window_size >= W (PT1M, PT5M, PT15M, PT30M, PT1H, PT6H, PT12H,
+    P1D: azurerm 4.55.0 monitor_metric_alert_resource.go), AWS W / 60 periods of 60 s."""
+    from tunnelhub.constructs.alerting import alert_timing
+
+    (hub,) = load_hubs(aws_hub(proxies={"probe_interval_s": interval, "probe_threshold": threshold})).hubs
+    timing = alert_timing(hub)
+    assert (timing.detection_s, timing.window_s, timing.azure_window, timing.evaluation_periods) == (
+        detection, window, azure, periods)
