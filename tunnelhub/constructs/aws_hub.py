@@ -21,9 +21,13 @@ What it builds from one resolved hub spec:
   instance-health target group (``/healthz``) that the group's ELB health check uses;
 - the VPC endpoint service (acceptance required) for Databricks serverless;
 - the VPC peering to the Databricks classic VPC and its routes (see ``aws_network``);
-- security groups: SSH only from the on-prem CIDRs, route and health ports only from the NLB;
-  the NLB's route ports only from the Databricks classic CIDRs (PrivateLink traffic is not
-  filtered by the NLB's security group: the endpoint service's acceptance is its gate).
+- with ``monitoring.alerts`` (default): per route target group a down and a degraded alarm on
+  ``HealthyHostCount``, an alarm on the launches the slot Lambda abandons (a metric filter on its
+  log), and the SNS topic with the spec's email / https subscriptions;
+- security groups: SSH only from the on-prem CIDRs, route and health ports only from the NLB
+  (the health port also from ``monitoring.scrape_cidrs``); the NLB's route ports only from the
+  Databricks classic CIDRs (PrivateLink traffic is not filtered by the NLB's security group: the
+  endpoint service's acceptance is its gate).
 
 **Why the route target groups are not attached to the group.** With ``health_check_type =
 "ELB"`` the Auto Scaling group replaces an instance as soon as any of its attached target groups

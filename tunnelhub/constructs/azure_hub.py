@@ -23,6 +23,9 @@ What one :class:`AzureHub` creates (the ``cloud: azure`` half of a hub stack):
   VNet (gateway transit: the hub VNet's half allows it, ours uses the remote gateways), or a
   Virtual WAN hub connection;
 - the peering with the Databricks workspace VNet when ``databricks.classic`` is set;
+- with ``monitoring.alerts`` (default) per route a metric alert on the LB's health-probe status and
+  one on its data-path availability, and the action group of ``monitoring.email`` / ``webhook``;
+  ``monitoring.scrape_cidrs`` adds an NSG rule for the health port;
 - the stack outputs the on-prem builder and the Databricks wiring read.
 
 The proxies learn which secret holds the host key from their own ``tunnelhub-host-key-secret``
