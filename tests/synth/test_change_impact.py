@@ -155,3 +155,14 @@ def test_resources_are_created_only_for_what_the_change_adds(impact, name):
             assert {kind(a) for a in created} <= {"aws_vpc_security_group_ingress_rule"}, created
         else:
             assert created == [], (name, stack, created)
+
+
+def test_more_proxies_updates_the_degraded_alarms_threshold_in_place(impact):
+    """The degraded alarm's threshold is proxies.count (issue 16): two more slots update it in place
+    (``threshold`` is not ForceNew, terraform-provider-aws internal/service/cloudwatch/metric_alarm.go:
+    the update is one PutMetricAlarm), and nothing else of any route's alerts changes."""
+    alarms = [c for c in impact["more-proxies"]["use-aws"] if kind(c.address) == "aws_cloudwatch_metric_alarm"]
+    assert len(alarms) == 2 and all(c.action == "update" and set(c.attributes) == {"threshold", "alarm_description"}
+                                    for c in alarms), alarms
+    assert all("degraded" in c.address for c in alarms)
+    assert not [c for c in impact["more-proxies"]["weu-azure"] if kind(c.address) == "azurerm_monitor_metric_alert"]
