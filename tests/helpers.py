@@ -148,3 +148,25 @@ def overrides_text() -> str:
         aws={"slot_lambda_reserved_concurrency": 5},
     )
     return spec_text(azure, aws)
+
+
+# ---------------------------------------------------------------------------------------------
+# Monitoring (issue 16): one spec with a monitoring block and non-default probe settings on
+# both clouds, synthesized once per session and shared by the hub and checkov tests.
+# ---------------------------------------------------------------------------------------------
+
+MONITORING = {
+    "email": ["oncall@example.com", "dba@example.com"],
+    "webhook": "https://hooks.example.com/tunnelhub/alerts",
+    "scrape_cidrs": ["10.99.0.0/24"],
+}
+MONITORING_PROBES = {"probe_interval_s": 30, "probe_threshold": 5}
+"""D = 30 s x 5 = 150 s: W = 180 s (AWS: 3 one-minute periods; Azure: the next allowed window, PT5M)."""
+
+
+def monitoring_text() -> str:
+    azure = azure_hub(name="mon", network={"cidr": "10.62.0.0/24", "onprem_path": {"hub_vnet_id": HUB_VNET_ID}},
+                      proxies={"count": 3, **MONITORING_PROBES}, monitoring=MONITORING)
+    aws = aws_hub(name="moa", network={"cidr": "10.72.0.0/24"}, proxies={"count": 3, **MONITORING_PROBES},
+                  monitoring=MONITORING)
+    return spec_text(azure, aws)

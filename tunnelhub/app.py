@@ -220,6 +220,9 @@ def _add_aws_hub(stack: HubStack, hub: S.Hub) -> None:
         outputs["classic_peering_id"] = (aws.classic_peering_id, (
             "VPC peering connection to the Databricks classic VPC (pcx-...). Without "
             "databricks.classic.remote_peering_enabled its owner accepts it and routes the NLB subnets to it."))
+    if aws.alerts_topic_arn is not None:
+        outputs["alerts_topic_arn"] = (aws.alerts_topic_arn, (
+            "SNS topic of the hub's alarms (monitoring.email / monitoring.webhook are subscribed; add others here)."))
     for name, (value, description) in outputs.items():
         TerraformOutput(stack, name, value=value, description=description)
 

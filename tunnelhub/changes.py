@@ -60,6 +60,13 @@ FORCE_NEW: dict[str, frozenset[str]] = {
     "aws_lb_target_group": frozenset({"name", "name_prefix", "port", "protocol", "protocol_version", "target_type",
                                       "vpc_id"}),
     "aws_lb_target_group_attachment": frozenset({"availability_zone", "target_group_arn", "target_id", "port"}),
+    # Each route's alerts (issue 16): internal/services/monitor/monitor_metric_alert_resource.go@v4.55.0
+    # (ForceNew: name; resource_group_name through commonschema.ResourceGroupName(); scopes, criteria,
+    # window_size, frequency are updated in place); terraform-provider-aws internal/service/cloudwatch/
+    # metric_alarm.go (the search index's stored copy, not the v6.25.0 tag): alarm_name alone is ForceNew,
+    # the update is one PutMetricAlarm of the whole alarm.
+    "azurerm_monitor_metric_alert": frozenset({"name", "resource_group_name"}),
+    "aws_cloudwatch_metric_alarm": frozenset({"alarm_name"}),
     # terraform-provider-databricks mws/resource_mws_ncc_private_endpoint_rule.go@v1.106.0 and @v1.118.0: domain_names is
     # in the update mask; these force a new rule (a new endpoint to approve).
     "databricks_mws_ncc_private_endpoint_rule": frozenset({"network_connectivity_config_id", "endpoint_service",

@@ -695,6 +695,57 @@ class AwsSettings(_Model):
     correct without it."""
 
 
+_EMAIL_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@([A-Za-z0-9-]+\.)+[A-Za-z]{2,63}$")
+
+
+def _one_or_many(value: Any) -> Any:
+    """``email: ops@example.com`` and ``email: [a@x, b@y]`` both mean a list."""
+    return [value] if isinstance(value, str) else value
+
+
+def _email(value: str) -> str:
+    if len(value) > 254 or not _EMAIL_RE.match(value) or ".." in value:
+        raise _err("email", "not an email address: write it like ops@example.com")
+    return value
+
+
+def _https_webhook(value: str) -> str:
+    m = re.match(r"^https://([A-Za-z0-9.-]+)(:\d{1,5})?(/[^\s]*)?$", value)
+    if value.lower().startswith("http://"):
+        raise _err("webhook", "webhooks must use https:// (alert payloads name the hub and its routes)")
+    if not m or not (is_valid_domain(m[1].lower()) or _is_ipv4(m[1])):
+        raise _err("webhook", "not a webhook URL: write it like https://hooks.example.com/tunnelhub")
+    return value
+
+
+def _is_ipv4(value: str) -> bool:
+    try:
+        return ip_address(value).version == 4
+    except ValueError:
+        return False
+
+
+EmailAddress = Annotated[str, AfterValidator(_email)]
+HttpsWebhook = Annotated[str, AfterValidator(_https_webhook)]
+
+
+class Monitoring(_Model):
+    """Cloud alerts on the hub's load balancer, where they go, and who may scrape the proxies'
+    metrics (docs/azure.md, docs/aws.md "Alerts")."""
+
+    alerts: bool = True
+    """Create the per-route alerts (Azure metric alerts, AWS CloudWatch alarms) and, on AWS, the
+    slot Lambda's abandoned-launch alarm. On by default: an alert that notifies nobody still shows
+    in Azure Monitor / the CloudWatch console and costs cents a month."""
+    email: Annotated[list[EmailAddress], BeforeValidator(_one_or_many)] = []
+    """Addresses notified of every alert (AWS: each must confirm the SNS subscription mail)."""
+    webhook: Annotated[list[HttpsWebhook], BeforeValidator(_one_or_many)] = []
+    """https endpoints that receive each alert (Azure common alert schema; AWS SNS https
+    subscription, which must confirm itself)."""
+    scrape_cidrs: list[Cidr] = []
+    """Prometheus scrapers of ``GET /metrics``: admitted to the proxies' health port only."""
+
+
 class Hub(_Model):
     """One proxy hub: one cloud stack with its Databricks wiring."""
 
@@ -712,6 +763,7 @@ class Hub(_Model):
     azure: AzureSettings | None = None
     aws: AwsSettings | None = None
     tags: dict[str, str] = {}
+    monitoring: Monitoring = Monitoring()
     protect: bool = True
     """``lifecycle.prevent_destroy`` on what a replacement would silently break: the load
     balancer, the Private Link Service / VPC endpoint service, the Key Vault, the NCC and its
@@ -1367,6 +1419,25 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
                 if net.existing_vnet is not None and path.hub_vnet_id.lower() == net.existing_vnet.vnet_id.lower():
                     issue(pp + ("hub_vnet_id",), "this is the hub's own VNet (existing_vnet.vnet_id): a VNet cannot "
                           "peer with itself; remove onprem_path (the VNet already routes)", path.hub_vnet_id)
+
+    # monitoring
+    mon = hub.monitoring
+    mp = ("monitoring",)
+    if not mon.alerts:
+        for key in ("email", "webhook"):
+            if getattr(mon, key):
+                issue(mp + (key,), f"alerts: false creates no alert, so nothing is sent to {key}: remove {key} "
+                      "or set alerts: true", getattr(mon, key))
+    for key in ("email", "webhook"):
+        seen_at: dict[str, int] = {}
+        for k, value in enumerate(getattr(mon, key)):
+            if value.lower() in seen_at:
+                issue(mp + (key, k), f"listed twice ({key}[{seen_at[value.lower()]}]); keep one", value)
+            seen_at.setdefault(value.lower(), k)
+    for k, c in enumerate(mon.scrape_cidrs):
+        if c.prefixlen == 0:
+            issue(mp + ("scrape_cidrs", k), "0.0.0.0/0 would open the proxies' health port (route health, "
+                  "metrics) to every address: list the Prometheus servers' networks", str(c))
 
     # on-prem
     op = hub.onprem

@@ -1,12 +1,14 @@
 """checkov on the AWS hub stacks: every failed check has a written reason in checkov/aws.yaml, and
-every reason there still matches a failure of at least one of the stacks (the example hub and the
-two variants of test_aws_hub.py: NAT gateway egress, existing VPC)."""
+every reason there still matches a failure of at least one of the stacks (the example hub, the
+two variants of test_aws_hub.py: NAT gateway egress, existing VPC, and the monitoring variant of
+tests/helpers.py: SNS subscriptions, scrape CIDRs)."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.static.checkov_support import load_suppressions, run_checkov
+from tests.helpers import monitoring_text
 from tests.synth.test_aws_hub import variants_text
 
 pytestmark = pytest.mark.synth
@@ -20,8 +22,10 @@ KMS_POLICY_PATH = "hub/host-key/kms-policy"
 @pytest.fixture(scope="session")
 def checkov_results(example, synth_spec):
     variants = synth_spec(text=variants_text())
+    monitoring = synth_spec(text=monitoring_text())
     results = {}
-    for synthesized, name in ((example, "use-aws"), (variants, "pvt-aws"), (variants, "exv-aws")):
+    for synthesized, name in ((example, "use-aws"), (variants, "pvt-aws"), (variants, "exv-aws"),
+                              (monitoring, "moa-aws")):
         stack_json = synthesized.outdir / "stacks" / name / "cdk.tf.json"
         passed, failed = run_checkov(stack_json)
         results[name] = (passed, failed, synthesized.stack(name))

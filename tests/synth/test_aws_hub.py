@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLE_SPEC
-from tests.helpers import TUNNEL_KEY, aws_hub, load_hubs, overrides_text, spec_text
+from tests.helpers import MONITORING, TUNNEL_KEY, aws_hub, load_hubs, monitoring_text, overrides_text, spec_text
 from tunnelhub.spec import SpecError, load_spec, validate_text
 
 pytestmark = pytest.mark.synth
@@ -832,7 +832,7 @@ def test_stack_outputs(stacks, hubs):
             databricks.add("classic_peering_id")
         assert set(out) == {"endpoint_service_name", "nlb_dns_name", "slot_public_ips", "slot_private_ips",
                             "tunnel_endpoints", "host_public_key", "asg_name", "egress_public_ips", "port_plan",
-                            "config_version"} | databricks
+                            "config_version", "alerts_topic_arn"} | databricks
         assert out["endpoint_service_name"] == ref(stack, "aws_vpc_endpoint_service", "endpoint-service", "service_name")
         assert out["nlb_dns_name"] == ref(stack, "aws_lb", "nlb/lb", "dns_name")
         assert out["slot_public_ips"] == [ref(stack, "aws_eip", f"slots/eip{n}", "public_ip")
@@ -913,3 +913,97 @@ def test_tag_and_parameter_contracts_with_the_cloud_init():
     from tunnelhub.userdata import AWS_SLOT_TAG
 
     assert handler.DEFAULT_SLOT_TAG_KEY == AWS_SLOT_TAG
+
+
+# --------------------------------------------------------------------------------------------
+# Alarms (issue 16)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def monitored(synth_spec):
+    """The monitoring variant of tests/helpers.py (shared with the Azure and checkov tests): two
+    emails and a webhook, scrape CIDRs, probes every 30 s x 5, three proxies."""
+    spec = validate_text(monitoring_text(), "monitoring.yaml").spec
+    return synth_spec(text=monitoring_text()).stack("moa-aws"), spec.hub("moa")
+
+
+def _alarms(stack: dict) -> dict[str, dict]:
+    return {b["alarm_name"]: b for b in resources(stack, "aws_cloudwatch_metric_alarm").values()}
+
+
+def test_every_route_target_group_has_a_down_and_a_degraded_alarm(stacks, hubs, monitored):
+    """aws 6.25.0 cloudwatch_metric_alarm: namespace, metric_name, statistic, dimensions (map),
+    period (10, 20, 30 or a multiple of 60), evaluation_periods and datapoints_to_alarm (>= 1),
+    comparison_operator, threshold, treat_missing_data (default "missing"); alarm_name is ForceNew
+    (terraform-provider-aws internal/service/cloudwatch/metric_alarm.go). NLB metrics: namespace
+    AWS/NetworkELB, HealthyHostCount by the TargetGroup and LoadBalancer dimensions, whose values
+    are the ARN suffixes (targetgroup/..., net/...) (Elastic Load Balancing docs, "CloudWatch
+    metrics for your Network Load Balancer"). Down: fewer than 1 healthy proxy; degraded: fewer
+    than proxies.count. Default probes (D = 10 s) give one 60-second period; probes every 30 s x 5
+    (D = 150 s) three, every one of them breaching."""
+    for stack, hub, periods in ((stacks["use"], hubs["use"], 1), (stacks["pvt"], hubs["pvt"], 1), (*monitored, 3)):
+        alarms = _alarms(stack)
+        name = f"tunnelhub-{hub.name}"
+        topic = ref(stack, "aws_sns_topic", "alarms/topic", "arn")
+        for route in hub.routes:
+            group = ref(stack, "aws_lb_target_group", f"nlb/routes/{route.name}/target-group", "arn_suffix")
+            for kind, threshold in (("down", 1), ("degraded", hub.proxies.count)):
+                alarm = alarms[f"{name}-route-{route.name}-{kind}"]
+                assert {k: alarm[k] for k in ("namespace", "metric_name", "statistic", "comparison_operator",
+                                              "threshold", "period", "evaluation_periods", "datapoints_to_alarm",
+                                              "treat_missing_data")} == {
+                    "namespace": "AWS/NetworkELB", "metric_name": "HealthyHostCount", "statistic": "Maximum",
+                    "comparison_operator": "LessThanThreshold", "threshold": threshold, "period": 60,
+                    "evaluation_periods": periods, "datapoints_to_alarm": periods, "treat_missing_data": "missing"}
+                assert alarm["dimensions"] == {"TargetGroup": group,
+                                               "LoadBalancer": ref(stack, "aws_lb", "nlb/lb", "arn_suffix")}
+                assert alarm["alarm_actions"] == alarm["ok_actions"] == [topic]
+        assert len(alarms) == 2 * len(hub.routes) + 1  # and the abandoned-launch alarm
+
+
+def test_an_abandoned_launch_alarms_through_a_metric_filter_on_the_slot_lambdas_log(stacks):
+    """The slot Lambda logs one JSON line per decision with ``decision`` and ``asg``
+    (docs/aws-slots.md, "Logs"; handler.emit). aws 6.25.0 cloudwatch_log_metric_filter:
+    log_group_name, pattern, metric_transformation {name, namespace, value, dimensions} (at most
+    three dimensions; CloudWatch Logs filter syntax ``{ $.field = "value" }`` for JSON events). The
+    alarm reads that metric by the group's name; no data means no abandoned launch."""
+    stack = stacks["use"]
+    (flt,) = resources(stack, "aws_cloudwatch_log_metric_filter").values()
+    assert flt["log_group_name"] == ref(stack, "aws_cloudwatch_log_group", "slot-function/logs", "name")
+    assert flt["pattern"] == '{ $.decision = "abandoned" }'
+    assert flt["metric_transformation"] == {"namespace": "tunnelhub", "name": "AbandonedLaunches", "value": "1",
+                                            "dimensions": {"AutoScalingGroupName": "$.asg"}}
+    alarm = _alarms(stack)["tunnelhub-use-abandoned-launches"]
+    assert {k: alarm[k] for k in ("namespace", "metric_name", "statistic", "dimensions", "period", "evaluation_periods",
+                                  "threshold", "comparison_operator", "treat_missing_data")} == {
+        "namespace": "tunnelhub", "metric_name": "AbandonedLaunches", "statistic": "Sum",
+        "dimensions": {"AutoScalingGroupName": one(stack, "aws_autoscaling_group", "asg")["name"]},
+        "period": 300, "evaluation_periods": 1, "threshold": 1,
+        "comparison_operator": "GreaterThanOrEqualToThreshold", "treat_missing_data": "notBreaching"}
+    assert alarm["alarm_actions"] == [ref(stack, "aws_sns_topic", "alarms/topic", "arn")]
+
+
+def test_the_topic_takes_the_specs_subscriptions_and_is_an_output(stacks, monitored):
+    """aws 6.25.0 sns_topic_subscription: topic_arn, protocol (email, https, ...), endpoint. An email
+    or http/s endpoint must confirm the subscription before SNS delivers to it (Amazon SNS API,
+    Subscribe); the stack cannot confirm it (docs/aws.md, "Alerts"). Without receivers the topic
+    exists with no subscription (add your own)."""
+    stack, _ = monitored
+    topic = ref(stack, "aws_sns_topic", "alarms/topic", "arn")
+    subs = sorted((s["protocol"], s["endpoint"]) for s in resources(stack, "aws_sns_topic_subscription").values()
+                  if s["topic_arn"] == topic)
+    assert subs == sorted([("email", e) for e in MONITORING["email"]] + [("https", MONITORING["webhook"])])
+    assert resources(stacks["use"], "aws_sns_topic_subscription") == {}
+    assert one(stacks["use"], "aws_sns_topic", "alarms/topic")["name"] == "tunnelhub-use-alerts"
+    assert stacks["use"]["output"]["alerts_topic_arn"]["value"] == ref(stacks["use"], "aws_sns_topic", "alarms/topic", "arn")
+
+
+def test_scrape_cidrs_reach_the_proxies_health_port_only(monitored):
+    """monitoring.scrape_cidrs: one ingress rule per CIDR on the proxies' security group, on the
+    health port (Prometheus scrapes GET /metrics there), nothing else."""
+    stack, hub = monitored
+    scraped = [r for r in _rules(stack, "aws_vpc_security_group_ingress_rule", "proxy-sg")
+               if r.get("cidr_ipv4") in MONITORING["scrape_cidrs"]]
+    assert [(r["from_port"], r["to_port"], r["ip_protocol"]) for r in scraped] == [
+        (hub.proxies.health_port, hub.proxies.health_port, "tcp")]

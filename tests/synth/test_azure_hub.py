@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import EXAMPLE_SPEC
-from tests.helpers import overrides_text, spec_text
+from tests.helpers import MONITORING, monitoring_text, overrides_text, spec_text
 from tunnelhub.spec import SpecError, load_spec, validate_text
 
 pytestmark = pytest.mark.synth
@@ -102,7 +102,8 @@ EXISTING_VNET = "/subscriptions/11111111-2222-3333-4444-555555555555/resourceGro
 
 def alternative(hub: dict) -> dict:
     """Every other branch at once: existing VNet, no egress, no zones, no admin key, PLS lists,
-    a workspace VNet in another subscription without the remote half, a named resource group."""
+    a workspace VNet in another subscription without the remote half, a named resource group, no
+    alerts."""
     hub["network"] = {
         "existing_vnet": {
             "vnet_id": EXISTING_VNET,
@@ -114,6 +115,7 @@ def alternative(hub: dict) -> dict:
         "availability_zones": [],
     }
     hub["proxies"] = {"count": 1, "health_port": 9000, "probe_interval_s": 10, "probe_threshold": 3}
+    hub["monitoring"] = {"alerts": False}
     hub["routes"][0]["idle_timeout_min"] = 60
     hub["databricks"]["classic"]["network_id"] = (
         f"/subscriptions/{WORKSPACE_SUB}/resourceGroups/dbx-rg/providers/Microsoft.Network/virtualNetworks/dbx-vnet")
@@ -595,9 +597,10 @@ def test_a_new_route_adds_one_probe_and_one_rule_and_opens_its_port(synth_spec, 
     after = synth_spec(text=spec_text(with_new_route(example_hub_dict()))).stack(STACK)
     added, removed, changed = _diff(weu, after)
     assert removed == set()
-    hub_parts = {a for a in added if a.startswith(("azurerm_lb_probe.", "azurerm_lb_rule."))}
-    assert {a.split(".")[0] for a in hub_parts} == {"azurerm_lb_probe", "azurerm_lb_rule"}
-    assert len(hub_parts) == 2 and all("route-erp-mssql" in a for a in hub_parts)
+    hub_parts = {a for a in added if a.startswith(("azurerm_lb_probe.", "azurerm_lb_rule.", "azurerm_monitor_metric_alert."))}
+    assert sorted(a.split(".")[0] for a in hub_parts) == [
+        "azurerm_lb_probe", "azurerm_lb_rule", "azurerm_monitor_metric_alert", "azurerm_monitor_metric_alert"]
+    assert all("route-erp-mssql" in a for a in hub_parts)  # its probe-down and data-path alerts too
     # The Databricks wiring gives the new route's domain its private DNS zone (one name for classic
     # and serverless) and adds the domain to the NCC private endpoint rule.
     dns = added - hub_parts
@@ -631,3 +634,86 @@ def test_a_third_proxy_adds_its_vm_nic_pool_association_and_role_assignment_only
     vm = addresses(after)[next(a for a in added if a.startswith("azurerm_linux_virtual_machine."))]
     assert vm["zone"] == "3"
     assert after["output"]["proxy_private_ips"]["value"] == ["10.60.0.5", "10.60.0.6", "10.60.0.7"]
+
+
+# --------------------------------------------------------------------------------------------
+# Alerts (issue 16)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def monitored(synth_spec) -> dict:
+    """The monitoring variant of tests/helpers.py (shared with the AWS and checkov tests): email and
+    webhook receivers, scrape CIDRs, probes every 30 s x 5, three proxies."""
+    return synth_spec(text=monitoring_text()).stack("mon-azure")
+
+
+def _alerts(stack: dict) -> dict[str, dict]:
+    return {b["name"]: b for b in of_type(stack, "azurerm_monitor_metric_alert").values()}
+
+
+def test_every_route_has_a_probe_down_and_a_data_path_alert_split_by_its_frontend_port(weu, hub):
+    """azurerm 4.55.0 monitor_metric_alert: criteria with metric_namespace, metric_name, aggregation
+    (Average/Count/Minimum/Maximum/Total), operator, threshold, dimension {name, operator Include,
+    values}; frequency PT1M..PT1H, window_size PT1M..P1D (internal/services/monitor/
+    monitor_metric_alert_resource.go@v4.55.0). Metric names and dimensions: Azure Monitor "Supported
+    metrics for Microsoft.Network/loadBalancers" (DipAvailability = Health Probe Status, dimensions
+    ProtocolType, BackendPort, FrontendIPAddress, FrontendPort, BackendIPAddress; VipAvailability =
+    Data Path Availability, FrontendIPAddress, FrontendPort; time grain PT1M). Default probes (5 s x 2
+    = 10 s) give the one-minute window; without receivers there is no action group and no action."""
+    alerts = _alerts(weu)
+    lb = ref("azurerm_lb", one(weu, "azurerm_lb")[0], "id")
+    assert set(alerts) == {f"weu-route-{r.name}-{kind}" for r in hub.routes for kind in ("down", "data-path")}
+    for route in hub.routes:
+        down, data_path = alerts[f"weu-route-{route.name}-down"], alerts[f"weu-route-{route.name}-data-path"]
+        for alert in (down, data_path):
+            assert alert["scopes"] == [lb]
+            assert (alert["frequency"], alert["window_size"], alert["auto_mitigate"]) == ("PT1M", "PT1M", True)
+            (criteria,) = alert["criteria"]
+            assert criteria["metric_namespace"] == "Microsoft.Network/loadBalancers"
+            assert criteria["dimension"] == [{"name": "FrontendPort", "operator": "Include", "values": [str(route.port)]}]
+            assert "action" not in alert
+        assert {k: down["criteria"][0][k] for k in ("metric_name", "aggregation", "operator", "threshold")} == {
+            "metric_name": "DipAvailability", "aggregation": "Maximum", "operator": "LessThan", "threshold": 1}
+        assert {k: data_path["criteria"][0][k] for k in ("metric_name", "aggregation", "operator", "threshold")} == {
+            "metric_name": "VipAvailability", "aggregation": "Average", "operator": "LessThan", "threshold": 90}
+    assert of_type(weu, "azurerm_monitor_action_group") == {}
+
+
+def test_the_action_group_carries_the_specs_receivers_and_every_alert_uses_it(monitored):
+    """azurerm 4.55.0 monitor_action_group: email_receiver {name, email_address,
+    use_common_alert_schema}, webhook_receiver {name, service_uri, use_common_alert_schema};
+    short_name 1-12 characters, location "global" by default (monitor_action_group_resource.go@v4.55.0)."""
+    name, group = one(monitored, "azurerm_monitor_action_group")
+    assert len(group["short_name"]) <= 12 and group["location"] == "global"
+    assert group["email_receiver"] == [
+        {"name": f"email-{k}", "email_address": e, "use_common_alert_schema": True} for k, e in enumerate(MONITORING["email"])]
+    assert group["webhook_receiver"] == [
+        {"name": "webhook-0", "service_uri": MONITORING["webhook"], "use_common_alert_schema": True}]
+    alerts = _alerts(monitored)
+    assert len(alerts) == 4
+    assert all(a["action"] == [{"action_group_id": ref("azurerm_monitor_action_group", name, "id")}] for a in alerts.values())
+
+
+def test_the_alert_window_follows_the_probe_settings(monitored):
+    """Probes every 30 s, 5 failures to mark a proxy down: D = 150 s, W = 180 s (whole metric
+    minutes), and Azure's smallest allowed window of at least 180 s is PT5M (window_size values in
+    monitor_metric_alert_resource.go@v4.55.0); the frequency stays PT1M."""
+    from tunnelhub.constructs.alerting import alert_timing
+
+    timing = alert_timing(validate_text(monitoring_text(), "m.yaml").spec.hub("mon"))
+    assert (timing.detection_s, timing.window_s, timing.azure_window) == (150, 180, "PT5M")
+    assert {(a["frequency"], a["window_size"]) for a in _alerts(monitored).values()} == {("PT1M", "PT5M")}
+
+
+def test_scrape_cidrs_reach_the_health_port_only_and_alerts_false_creates_none(monitored, weu, alt):
+    """monitoring.scrape_cidrs: one NSG rule admitting them to the health port (Prometheus scrapes
+    GET /metrics there), below the deny-all; absent without scrape_cidrs. alerts: false leaves no
+    alert and no action group."""
+    rules = {r["name"]: r for r in of_type(monitored, "azurerm_network_security_rule").values()}
+    scrape = rules["allow-health-from-scrapers"]
+    assert scrape["source_address_prefixes"] == MONITORING["scrape_cidrs"]
+    assert (scrape["destination_port_range"], scrape["access"], scrape["protocol"]) == ("8080", "Allow", "Tcp")
+    assert scrape["priority"] < rules["deny-all-inbound"]["priority"]
+    assert "allow-health-from-scrapers" not in {r["name"] for r in of_type(weu, "azurerm_network_security_rule").values()}
+    assert of_type(alt, "azurerm_monitor_metric_alert") == {} and of_type(alt, "azurerm_monitor_action_group") == {}

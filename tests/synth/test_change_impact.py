@@ -14,7 +14,7 @@ Two rules, on both example stacks:
    until it is). An unchanged resource is never replaced, whatever its provider's ForceNew
    table says, so this needs no table for them.
 2. **Each route's own resources** (LB rule and probe, NLB listener, target group and its
-   attachments) are never replaced, and deleted only for the route the change removes; new
+   attachments, the route's alerts) are never replaced, and deleted only for the route the change removes; new
    ones are created only for an added route or an added proxy.
 
 The proxies themselves (Azure VMs, the AWS launch template) are judged by
@@ -69,7 +69,10 @@ IN_PLACE: dict[str, frozenset[str]] = {
     "databricks_mws_ncc_private_endpoint_rule": frozenset({"domain_names"}),
 }
 PER_ROUTE = ("azurerm_lb_rule", "azurerm_lb_probe", "aws_lb_listener", "aws_lb_target_group",
-             "aws_lb_target_group_attachment")
+             "aws_lb_target_group_attachment", "azurerm_monitor_metric_alert", "aws_cloudwatch_metric_alarm")
+"""Each route's own resources, its alerts among them (issue 16: a probe-down and a data-path alert on
+Azure, a down and a degraded alarm on AWS; their timing follows the probe settings, so lb-probe
+updates them in place)."""
 ADDS_ROUTE = {"add-tunnel-route": "erp-mssql", "add-forward-route": "partner-api"}
 REMOVED_ROUTE = {"weu-azure": "billing-pg", "use-aws": "aoai"}  # _remove_route pops the last route
 PROXY_TYPES = {"azurerm_linux_virtual_machine", "azurerm_network_interface",
@@ -135,10 +138,12 @@ def test_resources_are_created_only_for_what_the_change_adds(impact, name):
             route = ADDS_ROUTE[name]
             per_route = Counter(kind(a) for a in created if kind(a) in PER_ROUTE)
             if stack == "weu-azure":
-                assert per_route == Counter({"azurerm_lb_rule": 1, "azurerm_lb_probe": 1}), per_route
-            else:  # a listener and a target group, one attachment per slot
+                assert per_route == Counter({"azurerm_lb_rule": 1, "azurerm_lb_probe": 1,
+                                             "azurerm_monitor_metric_alert": 2}), per_route
+            else:  # a listener and a target group, one attachment per slot, the down and degraded alarms
                 assert per_route == Counter({"aws_lb_listener": 1, "aws_lb_target_group": 1,
-                                             "aws_lb_target_group_attachment": 2}), per_route
+                                             "aws_lb_target_group_attachment": 2,
+                                             "aws_cloudwatch_metric_alarm": 2}), per_route
             assert all(squash(route) in squash(a) for a in created if kind(a) in PER_ROUTE), created
         elif name == "more-proxies":  # two more slots
             assert {kind(a) for a in created} <= PROXY_TYPES, created
@@ -196,3 +201,14 @@ def test_synth_refuses_to_drop_a_guarded_resource_while_the_hub_is_protected(tmp
     assert allowed.exit_code == 0, allowed.output
     after = json.loads((out / "stacks" / "weu-azure" / "cdk.tf.json").read_text())
     assert "databricks_mws_network_connectivity_config" not in after.get("resource", {})
+
+
+def test_more_proxies_updates_the_degraded_alarms_threshold_in_place(impact):
+    """The degraded alarm's threshold is proxies.count (issue 16): two more slots update it in place
+    (``threshold`` is not ForceNew, terraform-provider-aws internal/service/cloudwatch/metric_alarm.go:
+    the update is one PutMetricAlarm), and nothing else of any route's alerts changes."""
+    alarms = [c for c in impact["more-proxies"]["use-aws"] if kind(c.address) == "aws_cloudwatch_metric_alarm"]
+    assert len(alarms) == 2 and all(c.action == "update" and set(c.attributes) == {"threshold", "alarm_description"}
+                                    for c in alarms), alarms
+    assert all("degraded" in c.address for c in alarms)
+    assert not [c for c in impact["more-proxies"]["weu-azure"] if kind(c.address) == "azurerm_monitor_metric_alert"]

@@ -817,3 +817,77 @@ def test_ncc_binding_warning_for_every_serverless_hub():
     )
     assert ncc_binding_warnings(load_hubs(azure_hub(databricks=_databricks(serverless_enabled=False))).hubs) == []
     assert ncc_binding_warnings(load_hubs(azure_hub()).hubs) == []
+
+
+# --------------------------------------------------------------------------------------------
+# monitoring (issue 16)
+# --------------------------------------------------------------------------------------------
+
+
+def test_monitoring_defaults_alerts_on_and_nobody_to_notify():
+    """Without a monitoring block the alerts exist (visible in Azure Monitor / CloudWatch) and no
+    notification goes anywhere: there is no address to send it to."""
+    (hub,) = load_hubs(azure_hub()).hubs
+    assert hub.monitoring.alerts is True
+    assert (hub.monitoring.email, hub.monitoring.webhook, hub.monitoring.scrape_cidrs) == ([], [], [])
+
+
+def test_monitoring_takes_one_address_or_a_list():
+    (hub,) = load_hubs(aws_hub(monitoring={"email": "ops@example.com", "webhook": ["https://hooks.example.com/a"],
+                                           "scrape_cidrs": ["10.99.0.0/24"]})).hubs
+    assert hub.monitoring.email == ["ops@example.com"]
+    assert hub.monitoring.webhook == ["https://hooks.example.com/a"]
+    assert [str(c) for c in hub.monitoring.scrape_cidrs] == ["10.99.0.0/24"]
+
+
+@pytest.mark.parametrize("email", ["ops", "ops@", "@example.com", "ops@example", "a b@example.com", "ops@@example.com",
+                                   "ops..x@example.com"])
+def test_monitoring_email_must_be_an_address(email):
+    message = spec_errors(azure_hub(monitoring={"email": [email]}))
+    assert "monitoring.email[0]" in message and "write it like ops@example.com" in message
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("http://hooks.example.com/x", "must use https://"),
+    ("https://", "not a webhook URL"),
+    ("ftp://hooks.example.com", "not a webhook URL"),
+    ("https://bad host/x", "not a webhook URL"),
+])
+def test_monitoring_webhook_must_be_https(url, fragment):
+    message = spec_errors(aws_hub(monitoring={"webhook": url}))
+    assert "monitoring.webhook[0]" in message and fragment in message
+
+
+def test_monitoring_scrape_cidrs_are_cidrs_and_never_everything():
+    assert "host bits are set: did you mean 10.99.0.0/24?" in spec_errors(azure_hub(monitoring={"scrape_cidrs": ["10.99.0.1/24"]}))
+    message = spec_errors(aws_hub(monitoring={"scrape_cidrs": ["0.0.0.0/0"]}))
+    assert "monitoring.scrape_cidrs[0]" in message and "list the Prometheus servers' networks" in message
+
+
+def test_monitoring_receivers_without_alerts_or_twice_are_refused():
+    message = spec_errors(azure_hub(monitoring={"alerts": False, "email": "ops@example.com"}))
+    assert "monitoring.email" in message and "alerts: false creates no alert" in message
+    message = spec_errors(aws_hub(monitoring={"email": ["ops@example.com", "OPS@example.com"]}))
+    assert "monitoring.email[1]" in message and "listed twice (email[0])" in message
+    assert "unknown key 'emails' (did you mean 'email'?)" in spec_errors(azure_hub(monitoring={"emails": ["a@b.co"]}))
+
+
+@pytest.mark.parametrize("interval, threshold, detection, window, azure, periods", [
+    (5, 2, 10, 60, "PT1M", 1),        # the defaults: one metric minute
+    (30, 2, 60, 60, "PT1M", 1),
+    (30, 5, 150, 180, "PT5M", 3),     # Azure has no 3-minute window: the next allowed one
+    (60, 10, 600, 600, "PT15M", 10),
+    (300, 10, 3000, 3000, "PT1H", 50),
+])
+def test_alert_timing_is_the_probe_detection_time_in_whole_metric_minutes(interval, threshold, detection, window,
+                                                                         azure, periods):
+    """D = probe_interval_s x probe_threshold (the LB takes a proxy out after that long); W = D
+    rounded up to whole minutes, at least one (both clouds' LB metrics have a one-minute grain);
+    Azure takes the smallest allowed window_size >= W (PT1M, PT5M, PT15M, PT30M, PT1H, PT6H, PT12H,
+    P1D: azurerm 4.55.0 monitor_metric_alert_resource.go), AWS W / 60 periods of 60 s."""
+    from tunnelhub.constructs.alerting import alert_timing
+
+    (hub,) = load_hubs(aws_hub(proxies={"probe_interval_s": interval, "probe_threshold": threshold})).hubs
+    timing = alert_timing(hub)
+    assert (timing.detection_s, timing.window_s, timing.azure_window, timing.evaluation_periods) == (
+        detection, window, azure, periods)

@@ -21,9 +21,13 @@ What it builds from one resolved hub spec:
   instance-health target group (``/healthz``) that the group's ELB health check uses;
 - the VPC endpoint service (acceptance required) for Databricks serverless;
 - the VPC peering to the Databricks classic VPC and its routes (see ``aws_network``);
-- security groups: SSH only from the on-prem CIDRs, route and health ports only from the NLB;
-  the NLB's route ports only from the Databricks classic CIDRs (PrivateLink traffic is not
-  filtered by the NLB's security group: the endpoint service's acceptance is its gate).
+- with ``monitoring.alerts`` (default): per route target group a down and a degraded alarm on
+  ``HealthyHostCount``, an alarm on the launches the slot Lambda abandons (a metric filter on its
+  log), and the SNS topic with the spec's email / https subscriptions;
+- security groups: SSH only from the on-prem CIDRs, route and health ports only from the NLB
+  (the health port also from ``monitoring.scrape_cidrs``); the NLB's route ports only from the
+  Databricks classic CIDRs (PrivateLink traffic is not filtered by the NLB's security group: the
+  endpoint service's acceptance is its gate).
 
 **Why the route target groups are not attached to the group.** With ``health_check_type =
 "ELB"`` the Auto Scaling group replaces an instance as soon as any of its attached target groups
@@ -51,6 +55,11 @@ from cdktf_cdktf_provider_aws.autoscaling_group import (
     AutoscalingGroupLaunchTemplate,
     AutoscalingGroupTag,
 )
+from cdktf_cdktf_provider_aws.cloudwatch_log_metric_filter import (
+    CloudwatchLogMetricFilter,
+    CloudwatchLogMetricFilterMetricTransformation,
+)
+from cdktf_cdktf_provider_aws.cloudwatch_metric_alarm import CloudwatchMetricAlarm
 from cdktf_cdktf_provider_aws.data_aws_ami import DataAwsAmi, DataAwsAmiFilter
 from cdktf_cdktf_provider_aws.data_aws_caller_identity import DataAwsCallerIdentity
 from cdktf_cdktf_provider_aws.data_aws_iam_policy_document import (
@@ -81,6 +90,8 @@ from cdktf_cdktf_provider_aws.lb_listener import LbListener, LbListenerDefaultAc
 from cdktf_cdktf_provider_aws.lb_target_group import LbTargetGroup, LbTargetGroupHealthCheck
 from cdktf_cdktf_provider_aws.lb_target_group_attachment import LbTargetGroupAttachment
 from cdktf_cdktf_provider_aws.security_group import SecurityGroup
+from cdktf_cdktf_provider_aws.sns_topic import SnsTopic
+from cdktf_cdktf_provider_aws.sns_topic_subscription import SnsTopicSubscription
 from cdktf_cdktf_provider_aws.ssm_parameter import SsmParameter
 from cdktf_cdktf_provider_aws.vpc_endpoint_service import VpcEndpointService
 from cdktf_cdktf_provider_aws.vpc_security_group_egress_rule import VpcSecurityGroupEgressRule
@@ -89,6 +100,7 @@ from cdktf_cdktf_provider_tls.private_key import PrivateKey
 from constructs import Construct
 
 from tunnelhub import spec as S
+from tunnelhub.constructs.alerting import ABANDONED_METRIC, ABANDONED_PERIOD_S, METRIC_GRAIN_S, METRIC_NAMESPACE, alert_timing
 from tunnelhub.constructs.aws_files_bucket import FilesBucket, FilesBucketProps
 from tunnelhub.constructs.aws_network import AwsNetwork, AwsNetworkProps
 from tunnelhub.constructs.protect import protected
@@ -417,6 +429,79 @@ class AwsHub(Construct):
             depends_on=ready,
         )
         self.asg_arn = group.arn
+        self.alerts_topic_arn: str | None = None
+        if hub.monitoring.alerts:
+            self._alarms(hub, name, slot_function)
+
+    # -- alarms ---------------------------------------------------------------------------------
+
+    def _alarms(self, hub: S.Hub, name: str, slot_function: SlotFunction) -> None:
+        """Per route target group two CloudWatch alarms on the NLB's ``HealthyHostCount``: route
+        down (< 1) and degraded (< proxies.count); one alarm on the group's abandoned launches
+        (the slot Lambda's ``decision: "abandoned"`` log lines, counted by a metric filter); all of
+        them notify one SNS topic with the spec's email and https subscriptions.
+
+        ``HealthyHostCount`` is the NLB's own view, which already waits the probe detection time;
+        the alarm takes the **Maximum** over each minute of the window W
+        (tunnelhub.constructs.alerting), so it fires only when the route had fewer healthy
+        proxies in every sample of W consecutive minutes, and a route flapping faster than the
+        NLB's detection time does not page on every flap."""
+        mon = hub.monitoring
+        scope = Construct(self, "alarms")
+        timing = alert_timing(hub)
+        self.alert_timing = timing
+        # Not encrypted with KMS: CloudWatch can publish to an encrypted topic only through a customer
+        # managed key whose policy admits cloudwatch.amazonaws.com (checkov/aws.yaml, CKV_AWS_26).
+        topic = SnsTopic(scope, "topic", name=f"{name}-alerts", display_name=f"tunnelhub {hub.name}"[:100],
+                         tags={"Name": f"{name}-alerts"})
+        self.alerts_topic_arn = topic.arn
+        for k, email in enumerate(mon.email):
+            SnsTopicSubscription(scope, f"email{k}", topic_arn=topic.arn, protocol="email", endpoint=email)
+        for k, url in enumerate(mon.webhook):
+            SnsTopicSubscription(scope, f"webhook{k}", topic_arn=topic.arn, protocol="https", endpoint=url)
+        notify = {"alarm_actions": [topic.arn], "ok_actions": [topic.arn]}
+        for route in hub.routes:
+            group = self._route_target_groups[route.name]
+            at = Construct(scope, f"route-{route.name}")
+            health = {
+                "namespace": "AWS/NetworkELB", "metric_name": "HealthyHostCount", "statistic": "Maximum",
+                "dimensions": {"TargetGroup": group.arn_suffix, "LoadBalancer": self._nlb.arn_suffix},
+                "period": METRIC_GRAIN_S, "evaluation_periods": timing.evaluation_periods,
+                "datapoints_to_alarm": timing.evaluation_periods, "comparison_operator": "LessThanThreshold",
+                # No data is "unknown" (INSUFFICIENT_DATA), not "down": a new alarm has none yet.
+                "treat_missing_data": "missing", **notify,
+            }
+            CloudwatchMetricAlarm(
+                at, "down", alarm_name=f"{name}-route-{route.name}-down", threshold=1,
+                alarm_description=(f"Route {route.name} (port {route.port}) is down: the NLB had no healthy proxy "
+                                   f"for {timing.window_s} s."),
+                **health,
+            )
+            CloudwatchMetricAlarm(
+                at, "degraded", alarm_name=f"{name}-route-{route.name}-degraded", threshold=hub.proxies.count,
+                alarm_description=(f"Route {route.name} (port {route.port}) is degraded: fewer than "
+                                   f"{hub.proxies.count} healthy proxies for {timing.window_s} s."),
+                **health,
+            )
+        # The slot Lambda logs one JSON line per decision (docs/aws-slots.md, "Logs").
+        CloudwatchLogMetricFilter(
+            scope, "abandoned-filter", name=f"{name}-abandoned-launches",
+            log_group_name=slot_function.log_group.name, pattern='{ $.decision = "abandoned" }',
+            metric_transformation=CloudwatchLogMetricFilterMetricTransformation(
+                namespace=METRIC_NAMESPACE, name=ABANDONED_METRIC, value="1",
+                dimensions={"AutoScalingGroupName": "$.asg"},
+            ),
+        )
+        CloudwatchMetricAlarm(
+            scope, "abandoned", alarm_name=f"{name}-abandoned-launches",
+            alarm_description=(f"The slot Lambda abandoned a launch of {self.asg_name} (no free slot, or an AWS "
+                               "error): a slot stays empty until a launch succeeds (docs/aws-slots.md)."),
+            namespace=METRIC_NAMESPACE, metric_name=ABANDONED_METRIC, statistic="Sum",
+            dimensions={"AutoScalingGroupName": self.asg_name}, period=ABANDONED_PERIOD_S, evaluation_periods=1,
+            threshold=1, comparison_operator="GreaterThanOrEqualToThreshold",
+            # The filter emits nothing while no launch is abandoned.
+            treat_missing_data="notBreaching", **notify,
+        )
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -438,6 +523,11 @@ class AwsHub(Construct):
             rules, "health", security_group_id=proxy_sg, ip_protocol="tcp", from_port=port, to_port=port,
             referenced_security_group_id=nlb_sg, description="health checks from the NLB",
         )
+        for k, cidr in enumerate(hub.monitoring.scrape_cidrs):
+            VpcSecurityGroupIngressRule(
+                rules, f"health-scrape{k}", security_group_id=proxy_sg, ip_protocol="tcp", from_port=port,
+                to_port=port, cidr_ipv4=str(cidr), description="Prometheus scrapers of GET /metrics (monitoring.scrape_cidrs)",
+            )
         # The rollout gate: a proxy's reconciler asks its canary peer's health endpoint.
         VpcSecurityGroupIngressRule(
             rules, "health-from-peers", security_group_id=proxy_sg, ip_protocol="tcp", from_port=port, to_port=port,
@@ -491,6 +581,7 @@ class AwsHub(Construct):
             enforce_security_group_inbound_rules_on_private_link_traffic="off",
             tags={"Name": name}, lifecycle=protected(hub),
         )
+        self._nlb = nlb
         self.nlb_arn = nlb.arn
         self.nlb_dns_name = nlb.dns_name
         self.nlb_zone_id = nlb.zone_id
@@ -503,6 +594,7 @@ class AwsHub(Construct):
             )
 
         self.route_target_group_arns: dict[str, str] = {}
+        self._route_target_groups: dict[str, LbTargetGroup] = {}
         routes_ns = Construct(nlb_ns, "routes")
         for route in hub.routes:
             ns = Construct(routes_ns, route.name)
@@ -521,6 +613,7 @@ class AwsHub(Construct):
                 default_action=[LbListenerDefaultAction(type="forward", target_group_arn=group.arn)],
             )
             self.route_target_group_arns[route.name] = group.arn
+            self._route_target_groups[route.name] = group
 
         # The group's own health: /healthz answers for the daemon, never for a route. Its listener
         # exists only because a target group is health-checked once a load balancer uses it.

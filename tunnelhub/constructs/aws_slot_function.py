@@ -128,7 +128,8 @@ class SlotFunctionProps:
 class SlotFunction(Construct):
     """The slot Lambda and everything that invokes and permits it.
 
-    Read-only attributes: ``function`` (the Lambda), ``role`` (its execution role), ``policy``
+    Read-only attributes: ``function`` (the Lambda), ``log_group`` (its CloudWatch log group,
+    which the hub's abandoned-launch metric filter reads), ``role`` (its execution role), ``policy``
     (the role's only policy document), ``rule`` (the EventBridge rule), ``event_pattern`` (the
     rule's pattern as a dict), ``environment`` (the function's variables), and ``ready`` (what
     must exist before the group's first launch, for ``depends_on``).
@@ -142,7 +143,7 @@ class SlotFunction(Construct):
             f"{props.arn_prefix['autoscaling']}:autoScalingGroup:*:autoScalingGroupName/{props.asg_name}"
         )
 
-        log_group = CloudwatchLogGroup(
+        self.log_group = log_group = CloudwatchLogGroup(
             self,
             "logs",
             name=f"/aws/lambda/{function_name}",

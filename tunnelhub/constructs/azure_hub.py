@@ -23,6 +23,9 @@ What one :class:`AzureHub` creates (the ``cloud: azure`` half of a hub stack):
   VNet (gateway transit: the hub VNet's half allows it, ours uses the remote gateways), or a
   Virtual WAN hub connection;
 - the peering with the Databricks workspace VNet when ``databricks.classic`` is set;
+- with ``monitoring.alerts`` (default) per route a metric alert on the LB's health-probe status and
+  one on its data-path availability, and the action group of ``monitoring.email`` / ``webhook``;
+  ``monitoring.scrape_cidrs`` adds an NSG rule for the health port;
 - the stack outputs the on-prem builder and the Databricks wiring read.
 
 The proxies learn which secret holds the host key from their own ``tunnelhub-host-key-secret``
@@ -49,6 +52,17 @@ from cdktf_cdktf_provider_azurerm.linux_virtual_machine import (
     LinuxVirtualMachineIdentity,
     LinuxVirtualMachineOsDisk,
     LinuxVirtualMachineSourceImageReference,
+)
+from cdktf_cdktf_provider_azurerm.monitor_action_group import (
+    MonitorActionGroup,
+    MonitorActionGroupEmailReceiver,
+    MonitorActionGroupWebhookReceiver,
+)
+from cdktf_cdktf_provider_azurerm.monitor_metric_alert import (
+    MonitorMetricAlert,
+    MonitorMetricAlertAction,
+    MonitorMetricAlertCriteria,
+    MonitorMetricAlertCriteriaDimension,
 )
 from cdktf_cdktf_provider_azurerm.nat_gateway import NatGateway
 from cdktf_cdktf_provider_azurerm.nat_gateway_public_ip_association import NatGatewayPublicIpAssociation
@@ -77,6 +91,7 @@ from cdktf_cdktf_provider_tls.private_key import PrivateKey
 from constructs import Construct
 
 from tunnelhub import spec as S
+from tunnelhub.constructs.alerting import AZURE_FREQUENCY, alert_timing
 from tunnelhub.constructs.protect import protected
 from tunnelhub.userdata import AZURE_CONFIG_VERSION_TAG, AZURE_HOST_KEY_TAG, render_cloud_init, render_document
 
@@ -90,6 +105,15 @@ NIC_IP_CONFIGURATION_NAME = "primary"
 """The admin key types Azure accepts for a Linux VM (the spec allows more for the tunnel keys)."""
 KEY_VAULT_SECRETS_USER = "Key Vault Secrets User"
 KEY_VAULT_SECRETS_OFFICER = "Key Vault Secrets Officer"
+LB_METRIC_NAMESPACE = "Microsoft.Network/loadBalancers"
+PROBE_METRIC = "DipAvailability"
+"""Health probe status: per backend endpoint, the percentage of successful probes (Azure Monitor
+supported metrics, Microsoft.Network/loadBalancers: dimensions ProtocolType, BackendPort,
+FrontendIPAddress, FrontendPort, BackendIPAddress; time grain PT1M)."""
+DATA_PATH_METRIC = "VipAvailability"
+"""Data path availability of a frontend IP and port (dimensions FrontendIPAddress, FrontendPort)."""
+DATA_PATH_THRESHOLD = 90
+"""Percent: the Azure Monitor Baseline Alerts' threshold for load balancer availability."""
 
 # NSG priorities (lower wins). Azure's default rules start at 65000 (AllowVnetInBound), so the
 # explicit deny at 4096 (the highest number a user rule may take) closes everything not allowed
@@ -98,6 +122,7 @@ PRIORITY_SSH = 100
 PRIORITY_ROUTES = 110
 PRIORITY_HEALTH = 120
 PRIORITY_PEER_HEALTH = 125
+PRIORITY_SCRAPE = 130
 PRIORITY_DENY_ALL = 4096
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,6 +185,8 @@ class AzureHub(Construct):
         host_key_secret, admin_keys = self._identity()  # sets host_public_key
         pool = self._load_balancer()  # sets lb_frontend_ip, pls_id, pls_alias
         self._proxies(pool, host_key_secret, admin_keys, boot_prerequisites)  # sets proxy_private_ips
+        if hub.monitoring.alerts:
+            self._alerts()
         if hub.network.onprem_path is not None:
             self._onprem_path(hub.network.onprem_path)
         if hub.databricks is not None and hub.databricks.classic is not None:
@@ -313,6 +340,19 @@ class AzureHub(Construct):
             destination_port_range=str(hub.proxies.health_port),
             **common,
         )
+        if hub.monitoring.scrape_cidrs:
+            NetworkSecurityRule(
+                rules,
+                "scrape_health",
+                name="allow-health-from-scrapers",
+                description="Prometheus scrapers of GET /metrics (monitoring.scrape_cidrs), health port only.",
+                priority=PRIORITY_SCRAPE,
+                access="Allow",
+                protocol="Tcp",
+                source_address_prefixes=[str(c) for c in hub.monitoring.scrape_cidrs],
+                destination_port_range=str(hub.proxies.health_port),
+                **common,
+            )
         NetworkSecurityRule(
             rules,
             "deny_all",
@@ -495,10 +535,89 @@ class AzureHub(Construct):
             tags=self._tags,
             lifecycle=protected(hub),
         )
+        self._lb = lb
         self.lb_frontend_ip: str = str(self._plan.lb_frontend_ip)
         self.pls_id: str = pls.id
         self.pls_alias: str = pls.alias
         return pool
+
+    # -- alerts -----------------------------------------------------------------------------
+
+    def _alerts(self) -> None:
+        """Per route, a metric alert on the LB's health-probe status and one on its data-path
+        availability, both split to the route by its frontend port; and the action group of
+        ``monitoring.email`` / ``monitoring.webhook`` when there is anyone to notify.
+
+        Timing (tunnelhub.constructs.alerting): window W = the probe detection time rounded up to
+        metric minutes, evaluated every minute. ``DipAvailability`` is the raw probe result, so
+        the "down" alert takes its **Maximum** over W: below 1 % means no proxy passed a single
+        probe for a window at least as long as the LB's detection time, i.e. the LB has taken
+        every proxy out of the route. Alert names are per route and static: a routine change
+        updates them in place (name and resource group are their only ForceNew attributes)."""
+        hub, group, mon = self._hub, self._group, self._hub.monitoring
+        scope = Construct(self, "alerts")
+        timing = alert_timing(hub)
+        self.alert_timing = timing
+        self.action_group_id: str | None = None
+        actions = None
+        if mon.email or mon.webhook:
+            action_group = MonitorActionGroup(
+                scope,
+                "action_group",
+                name=f"{hub.name}-alerts",
+                short_name=f"th-{hub.name}"[:12],  # Azure: at most 12 characters (shown in SMS and mail)
+                resource_group_name=group.name,
+                location="global",
+                email_receiver=[
+                    MonitorActionGroupEmailReceiver(name=f"email-{k}", email_address=email, use_common_alert_schema=True)
+                    for k, email in enumerate(mon.email)
+                ],
+                webhook_receiver=[
+                    MonitorActionGroupWebhookReceiver(name=f"webhook-{k}", service_uri=url, use_common_alert_schema=True)
+                    for k, url in enumerate(mon.webhook)
+                ],
+                tags=self._tags,
+            )
+            self.action_group_id = action_group.id
+            actions = [MonitorMetricAlertAction(action_group_id=action_group.id)]
+        common = {
+            "resource_group_name": group.name,
+            "scopes": [self._lb.id],
+            "frequency": AZURE_FREQUENCY,
+            "window_size": timing.azure_window,
+            "auto_mitigate": True,
+            "action": actions,
+            "tags": self._tags,
+        }
+        for route in hub.routes:
+            at = Construct(scope, f"route-{route.name}")
+            port = [MonitorMetricAlertCriteriaDimension(name="FrontendPort", operator="Include", values=[str(route.port)])]
+            MonitorMetricAlert(
+                at,
+                "probe_down",
+                name=f"{hub.name}-route-{route.name}-down",
+                description=(f"Route {route.name} (port {route.port}) is down: no proxy passed its health probe "
+                             f"({route.health_path}) for {timing.azure_window}."),
+                severity=1,
+                criteria=[MonitorMetricAlertCriteria(
+                    metric_namespace=LB_METRIC_NAMESPACE, metric_name=PROBE_METRIC, aggregation="Maximum",
+                    operator="LessThan", threshold=1, dimension=port,
+                )],
+                **common,
+            )
+            MonitorMetricAlert(
+                at,
+                "data_path",
+                name=f"{hub.name}-route-{route.name}-data-path",
+                description=(f"Route {route.name}: the load balancer's data path availability on port {route.port} "
+                             f"is below {DATA_PATH_THRESHOLD} %."),
+                severity=1,
+                criteria=[MonitorMetricAlertCriteria(
+                    metric_namespace=LB_METRIC_NAMESPACE, metric_name=DATA_PATH_METRIC, aggregation="Average",
+                    operator="LessThan", threshold=DATA_PATH_THRESHOLD, dimension=port,
+                )],
+                **common,
+            )
 
     # -- proxies ----------------------------------------------------------------------------
 
