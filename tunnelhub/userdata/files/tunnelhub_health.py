@@ -1067,8 +1067,10 @@ class HaproxyMetrics:
     """Reads HAProxy's exporter for ``GET /metrics``, at most once per HAPROXY_SCRAPE_MIN_AGE_S.
 
     Only a metrics scrape reads it (never a route check, never an LB probe: ``/routes/`` and
-    ``/healthz`` do not come here), one read at a time, bounded by HAPROXY_SCRAPE_TIMEOUT_S; a
-    scraper that finds a read under way waits for it rather than starting another.
+    ``/healthz`` do not come here), one read at a time, bounded by HAPROXY_SCRAPE_TIMEOUT_S. A
+    scraper that finds a read under way does not wait: it gets the previous read (or "up 0"), so
+    however many scrapers ask, at most one HTTP handler thread waits on HAProxy and a wedged
+    HAProxy cannot use up the handler slots (HTTP_MAX_CONCURRENT) the LB probes need.
     """
 
     def __init__(self, path: str | None):
@@ -1080,9 +1082,9 @@ class HaproxyMetrics:
     def sample(self) -> HaproxySample | None:
         if self.path is None:
             return None
-        if not self._lock.acquire(timeout=HAPROXY_SCRAPE_TIMEOUT_S + 0.5):
+        if not self._lock.acquire(blocking=False):
             last = self._last
-            return last or HaproxySample(False, 0.0, time.monotonic(), {}, {}, "a read is still under way")
+            return last or HaproxySample(False, 0.0, time.monotonic(), {}, {}, "the first read is under way")
         try:
             last = self._last
             if last is not None and time.monotonic() - last.at < HAPROXY_SCRAPE_MIN_AGE_S:
