@@ -219,10 +219,10 @@ def test_connections_are_logged_in_tcplog_format(lab):
 
 
 METRICS_SCRIPT = r'''
-import sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import tunnelhub_health as health
-config = health.load_config(sys.argv[2])
+config = health.parse_config(json.loads(sys.argv[2]))
 daemon = health.HealthDaemon(config, check=lambda *a: None, host_key_status="/nonexistent")
 print(health.render_metrics(daemon, time.monotonic()), end="")
 '''
@@ -232,17 +232,18 @@ def test_haproxy_exporter_figures_reach_the_health_metrics(lab, tmp_path):
     """The health daemon's HAProxy part (HaproxyMetrics + render_metrics, in HAProxy's mount and
     network namespaces: the socket is in the lab's private /run/haproxy) reads the real exporter
     through the rendered routes file; parsed back with prometheus_client's text-format parser. The
-    family names and the ``proxy`` label are HAProxy 2.6's (addons/promex/service-prometheus.c)."""
+    family names and the ``proxy`` label are HAProxy 2.6's (addons/promex/service-prometheus.c).
+    It runs as an unprivileged uid outside the haproxy group with the system python3 (stdlib only),
+    as the DynamicUser health unit does: the socket's ``mode 666`` must let it in."""
     from prometheus_client.parser import text_string_to_metric_families
 
     ask, _, pid = lab
     for _ in range(3):
         assert ask(f"get {DB_PORT}") == "tunnel"
-    health_json = tmp_path / "health.json"
-    health_json.write_text(json.dumps(D.health_config(hub())))
     files = Path(R.__file__).resolve().parent / "files"
-    out = subprocess.run(["nsenter", "-t", str(pid), "-m", "-n", sys.executable, "-c", METRICS_SCRIPT,
-                          str(files), str(health_json)], capture_output=True, text=True, timeout=30, check=True)
+    out = subprocess.run(["nsenter", "-t", str(pid), "-m", "-n", "setpriv", "--reuid=65534", "--regid=65534",
+                          "--clear-groups", "/usr/bin/python3", "-c", METRICS_SCRIPT, str(files),
+                          json.dumps(D.health_config(hub()))], capture_output=True, text=True, timeout=30, check=True)
     families = {f.name: f for f in text_string_to_metric_families(out.stdout)}
     up = [s.value for s in families["tunnelhub_haproxy_up"].samples]
     assert up == [1.0], out.stdout
