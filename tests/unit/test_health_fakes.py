@@ -45,7 +45,7 @@ class FakeServer:
     """
 
     def __init__(self, protocol: str = "answer", behaviour: str = "answer", *,
-                 certificate: tuple[Path, Path] | None = None, **options):
+                 certificate: tuple[Path, Path] | None = None, port: int = 0, **options):
         assert behaviour in BEHAVIOURS
         self.protocol = protocol
         self.behaviour = behaviour
@@ -59,7 +59,7 @@ class FakeServer:
         self._held: list[socket.socket] = []
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
+        self._listener.bind(("127.0.0.1", port))  # port: a target coming back where it was
         self._listener.listen(128)
         self._listener.settimeout(0.2)
         self.port = self._listener.getsockname()[1]

@@ -6,12 +6,15 @@ own resolver: a fake DNS server inside it answers the forward route's name, so t
 ``parse-resolv-conf`` is exercised unchanged. A helper process inside the namespace plays the
 tunnel listener, two remote addresses and the client. Checked: the tunnel route reaches the
 loopback tunnel port, the forward route follows a changed DNS answer (the time is printed), a
-route's maxconn holds extra connections back, and tcplog lines reach HAProxy's stdout (journald
-on the proxy).
+route's maxconn holds extra connections back, tcplog lines reach HAProxy's stdout (journald
+on the proxy), and HAProxy's own Prometheus exporter (the routes file's ``tunnelhub_metrics``
+frontend, Debian's haproxy is built with it: ``haproxy -vv`` lists ``prometheus-exporter``) answers
+the health daemon with the route figures ``GET /metrics`` re-serves.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -157,9 +160,9 @@ def lab(tmp_path):
         Path("/run/haproxy").mkdir(exist_ok=True)
         log = open(tmp_path / "haproxy.log", "w")  # noqa: SIM115 - closed below
         # A private /run/haproxy (the stats socket) so nothing on the host is touched.
-        ns.start(["unshare", "--mount", "sh", "-c",
-                  f"mount -t tmpfs tmpfs /run/haproxy && exec haproxy -db -f {config} -f {routes}"],
-                 stdout=log, stderr=subprocess.STDOUT)
+        haproxy = ns.start(["unshare", "--mount", "sh", "-c",
+                            f"mount -t tmpfs tmpfs /run/haproxy && exec haproxy -db -f {config} -f {routes}"],
+                           stdout=log, stderr=subprocess.STDOUT)
 
         def ask(command: str) -> str:
             helper.stdin.write(command + "\n")
@@ -170,19 +173,19 @@ def lab(tmp_path):
         while ask(f"get {DB_PORT}") != "tunnel":
             assert time.monotonic() < deadline, (tmp_path / "haproxy.log").read_text()
             time.sleep(0.2)
-        yield ask, tmp_path / "haproxy.log"
+        yield ask, tmp_path / "haproxy.log", haproxy.pid  # ip netns exec and unshare exec: HAProxy's pid
         log.close()
     finally:
         ns.close()
 
 
 def test_tunnel_route_reaches_the_loopback_tunnel_port(lab):
-    ask, _ = lab
+    ask, *_ = lab
     assert ask(f"get {DB_PORT}") == "tunnel"
 
 
 def test_forward_route_follows_a_changed_dns_answer(lab):
-    ask, log = lab
+    ask, log, _ = lab
     deadline = time.monotonic() + 15
     while (answer := ask(f"get {SVC_PORT}")) != "remote-A":  # init-addr none: up once resolved
         assert time.monotonic() < deadline, answer + log.read_text()
@@ -199,13 +202,13 @@ def test_forward_route_follows_a_changed_dns_answer(lab):
 
 
 def test_route_maxconn_holds_extra_connections_back(lab):
-    ask, _ = lab
+    ask, *_ = lab
     # max_connections 2: the third connection waits until one of the first two closes
     assert ask(f"maxconn {DB_PORT}") == "tunnel,tunnel,TIMEOUT then tunnel"
 
 
 def test_connections_are_logged_in_tcplog_format(lab):
-    ask, log = lab
+    ask, log, _ = lab
     assert ask(f"get {DB_PORT}") == "tunnel"
     deadline = time.monotonic() + 10
     while " db db/tunnel " not in log.read_text():
@@ -213,3 +216,45 @@ def test_connections_are_logged_in_tcplog_format(lab):
         time.sleep(0.2)
     line = next(ln for ln in log.read_text().splitlines() if " db db/tunnel " in ln)
     assert line.startswith("<6>")  # "format short": the severity (info) prefix journald reads as the priority
+
+
+METRICS_SCRIPT = r'''
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import tunnelhub_health as health
+config = health.parse_config(json.loads(sys.argv[2]))
+daemon = health.HealthDaemon(config, check=lambda *a: None, host_key_status="/nonexistent")
+print(health.render_metrics(daemon, time.monotonic()), end="")
+'''
+
+
+def test_haproxy_exporter_figures_reach_the_health_metrics(lab, tmp_path):
+    """The health daemon's HAProxy part (HaproxyMetrics + render_metrics, in HAProxy's mount and
+    network namespaces: the socket is in the lab's private /run/haproxy) reads the real exporter
+    through the rendered routes file; parsed back with prometheus_client's text-format parser. The
+    family names and the ``proxy`` label are HAProxy 2.6's (addons/promex/service-prometheus.c).
+    It runs as an unprivileged uid outside the haproxy group with the system python3 (stdlib only),
+    as the DynamicUser health unit does: the socket's ``mode 666`` must let it in."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ask, _, pid = lab
+    for _ in range(3):
+        assert ask(f"get {DB_PORT}") == "tunnel"
+    files = Path(R.__file__).resolve().parent / "files"
+    out = subprocess.run(["nsenter", "-t", str(pid), "-m", "-n", "setpriv", "--reuid=65534", "--regid=65534",
+                          "--clear-groups", "/usr/bin/python3", "-c", METRICS_SCRIPT, str(files),
+                          json.dumps(D.health_config(hub()))], capture_output=True, text=True, timeout=30, check=True)
+    families = {f.name: f for f in text_string_to_metric_families(out.stdout)}
+    up = [s.value for s in families["tunnelhub_haproxy_up"].samples]
+    assert up == [1.0], out.stdout
+
+    def per_route(name):
+        return {s.labels["route"]: s.value for s in families[name].samples if s.name.endswith(("_total", name))}
+
+    assert per_route("haproxy_frontend_sessions")["db"] >= 3  # the three connections above
+    assert per_route("haproxy_backend_sessions")["db"] >= 3
+    assert per_route("haproxy_frontend_limit_sessions") == {"db": 2.0, "svc": 1000.0}  # max_connections
+    assert set(per_route("haproxy_backend_current_queue")) == {"db", "svc"}  # not tunnelhub_metrics
+    assert families["haproxy_backend_connection_errors"].type == "counter"
+    print(f"HAProxy figures for db: {per_route('haproxy_frontend_sessions')['db']:g} sessions,"
+          f" exposition {len(out.stdout)} bytes")

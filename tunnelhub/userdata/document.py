@@ -190,7 +190,8 @@ def route_summary(route: Route) -> dict[str, Any]:
 
 def haproxy_routes_config(hub: Hub) -> str:
     """HAProxy's routes file: ``global maxconn`` (the routes' sum + 100), the resolvers when a
-    forward route names a host, one ``listen`` per route."""
+    forward route names a host, one ``listen`` per route, and the exporter frontend the health
+    daemon's ``GET /metrics`` reads (a Unix socket)."""
     listeners = []
     for r in hub.routes:
         if r.kind == "tunnel":
@@ -212,6 +213,7 @@ def haproxy_routes_config(hub: Hub) -> str:
         resolvers=any(r.kind == "forward" and is_name(r.target_host) for r in hub.routes),
         dns_hold_valid_s=DNS_HOLD_VALID_S,
         listeners=listeners,
+        metrics_socket=L.HAPROXY_METRICS_SOCKET,
     )
 
 

@@ -58,6 +58,8 @@ NOLOGIN = "/usr/sbin/nologin"
 HAPROXY = "/usr/sbin/haproxy"
 HAPROXY_PID_FILE = "/run/haproxy.pid"
 HAPROXY_MASTER_SOCKET = "/run/haproxy-master.sock"
+# HAProxy's Prometheus exporter (the routes file's tunnelhub_metrics frontend), read by the health daemon
+HAPROXY_METRICS_SOCKET = "/run/haproxy/tunnelhub-metrics.sock"
 
 AWS_DOCUMENT_KEY = "config/hub-config.json"
 """AWS: the hub configuration document's key in the hub's files bucket (fixed: the proxies poll it)."""

@@ -42,7 +42,11 @@ Design (why it is not "connect on every request" like the reference check):
 
 HTTP: ``GET /routes/<name>`` 200/503 + JSON; ``GET /`` JSON summary of every route, 200
 when every route is healthy else 503 (for operators and monitoring; never point a load
-balancer at it); ``GET /healthz`` 200/503; anything else 404. Route state changes are logged
+balancer at it); ``GET /healthz`` 200/503; ``GET /metrics`` Prometheus text format: the
+route state from the same cache (a scrape never runs a check; failure reasons as the fixed
+FAILURE_REASONS set) plus a few HAProxy figures per route, read from HAProxy's own exporter
+on a Unix socket (HaproxyMetrics: bounded, shared by concurrent scrapers, left out with
+``tunnelhub_haproxy_up 0`` when HAProxy does not answer); anything else 404. Route state changes are logged
 to stderr (journald); requests are not.
 
 Live configuration (docs/live-config.md): the reconciler rewrites health.json and sends
@@ -60,6 +64,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import http.client
 import logging
 import os
 import re
@@ -92,7 +97,24 @@ HTTP_MAX_CONCURRENT = 64
 ROUTE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 CONFIG_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 VERSION_HEADER = "X-Tunnelhub-Config-Version"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATUS_FILE_MAX_BYTES = 65536
+# Why a check failed, as a small fixed set: the ``reason`` label of tunnelhub_route_last_failure_reason
+# (the free-text reason stays in the JSON answers and the journal). docs/proxy-runtime.md "Metrics".
+FAILURE_REASONS = (
+    "none",             # no failed check since the checker started
+    "no_tunnel",        # tunnel route: connection refused on the loopback port (ssh -R not connected)
+    "connect_refused",  # forward route: the remote refused the TCP connection
+    "unreachable",      # TCP connect failed otherwise (no route to host, network unreachable)
+    "timeout",          # no connection or no answer within probe.timeout_s
+    "dns",              # forward route: the name did not resolve, or not in time
+    "closed",           # the target (or sshd, when the on-prem target refused) closed or reset
+    "tls",              # the TLS handshake failed
+    "protocol",         # the target answered, but not as its protocol should (wrong service?)
+    "server_refused",   # the database refused every client now (MySQL ERR 1040, 1129, ...)
+    "stale",            # the last result is too old: the checker is stuck
+    "other",            # the check itself crashed (a bug): see the journal
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -304,10 +326,17 @@ class CheckResult:
     warning: str | None = None  # healthy but something needs an operator (e.g. check user)
     latency_s: float = 0.0
     finished_at: float = 0.0  # time.monotonic()
+    failure: str | None = None  # a failed check's class (FAILURE_REASONS); None when healthy
 
 
 class CheckFailed(Exception):
-    """The route cannot carry traffic; the message is the reason shown to operators."""
+    """The route cannot carry traffic; the message is the reason shown to operators, ``kind``
+    its class from FAILURE_REASONS (the metrics' bounded ``reason`` label)."""
+
+    def __init__(self, message: str, kind: str = "protocol"):
+        assert kind in FAILURE_REASONS, kind
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -346,7 +375,7 @@ class _Conversation:
     def _arm(self, what: str) -> None:
         left = self.deadline.left()
         if left <= 0:
-            raise CheckFailed(self.timeout_text(what))
+            raise CheckFailed(self.timeout_text(what), "timeout")
         self.sock.settimeout(left)
 
     def timeout_text(self, what: str) -> str:
@@ -360,20 +389,20 @@ class _Conversation:
         try:
             self.sock.sendall(data)
         except TimeoutError:
-            raise CheckFailed(self.timeout_text(what)) from None
+            raise CheckFailed(self.timeout_text(what), "timeout") from None
         except (BrokenPipeError, ConnectionResetError):
-            raise CheckFailed(self.closed_text(what, "connection reset")) from None
+            raise CheckFailed(self.closed_text(what, "connection reset"), "closed") from None
 
     def recv_some(self, limit: int, what: str) -> bytes:
         self._arm(what)
         try:
             data = self.sock.recv(limit)
         except TimeoutError:
-            raise CheckFailed(self.timeout_text(what)) from None
+            raise CheckFailed(self.timeout_text(what), "timeout") from None
         except ConnectionResetError:
-            raise CheckFailed(self.closed_text(what, "connection reset")) from None
+            raise CheckFailed(self.closed_text(what, "connection reset"), "closed") from None
         if not data:
-            raise CheckFailed(self.closed_text(what))
+            raise CheckFailed(self.closed_text(what), "closed")
         return data
 
     def recv_exact(self, count: int, what: str) -> bytes:
@@ -413,9 +442,9 @@ class Resolver:
             self._inflight = _Lookup(self.host, self.port)
         lookup = self._inflight
         if not lookup.done.wait(max(deadline.left(), 0)):
-            raise CheckFailed(f"DNS lookup of {self.host} did not answer within {deadline.total:.1f} s")
+            raise CheckFailed(f"DNS lookup of {self.host} did not answer within {deadline.total:.1f} s", "dns")
         if lookup.error is not None:
-            raise CheckFailed(f"DNS lookup of {self.host} failed: {lookup.error}")
+            raise CheckFailed(f"DNS lookup of {self.host} failed: {lookup.error}", "dns")
         return lookup.addresses
 
 
@@ -447,6 +476,7 @@ def _is_ip_literal(host: str) -> bool:
 def open_conversation(route: Route, deadline: Deadline, resolver: Resolver) -> _Conversation:
     """TCP-connect to the route's target, trying each resolved address within the deadline."""
     errors: list[str] = []
+    kinds: list[str] = []
     for family, kind, proto, _, address in resolver.resolve(deadline):
         left = deadline.left()
         if left <= 0:
@@ -458,21 +488,26 @@ def open_conversation(route: Route, deadline: Deadline, resolver: Resolver) -> _
         except TimeoutError:
             sock.close()
             errors.append(f"TCP connect to {route.target} timed out after {deadline.total:.1f} s")
+            kinds.append("timeout")
         except ConnectionRefusedError:
             sock.close()
             if route.kind == "tunnel":
                 errors.append(f"connection refused on {route.target}: no tunnel listener "
                               "(on-prem ssh -R not connected?)")
+                kinds.append("no_tunnel")
             else:
                 errors.append(f"connection refused by {route.target}")
+                kinds.append("connect_refused")
         except OSError as exc:
             sock.close()
             errors.append(f"TCP connect to {route.target} failed: {exc.strerror or exc}")
+            kinds.append("unreachable")
         else:
             return _Conversation(route, sock, deadline)
     if not errors:
         errors.append(f"TCP connect to {route.target} timed out after {deadline.total:.1f} s")
-    raise CheckFailed(errors[-1] if len(set(errors)) == 1 else "; ".join(dict.fromkeys(errors)))
+        kinds.append("timeout")
+    raise CheckFailed(errors[-1] if len(set(errors)) == 1 else "; ".join(dict.fromkeys(errors)), kinds[-1])
 
 
 # --- mysql ----------------------------------------------------------------------------
@@ -532,7 +567,7 @@ def check_mysql(route: Route, conv: _Conversation) -> Passed:
     seq, greeting = _mysql_read(conv, "greeting")
     if greeting[:1] == b"\xff":
         code, message = _mysql_err(greeting)
-        raise CheckFailed(f"server refused the connection: ERR {code} {message}")
+        raise CheckFailed(f"server refused the connection: ERR {code} {message}", "server_refused")
     if greeting[:1] != b"\x0a":
         raise CheckFailed(f"unexpected greeting (protocol {greeting[:1].hex()}): not a MySQL server?")
     version, _, rest = greeting[1:].partition(b"\x00")
@@ -573,7 +608,7 @@ def check_mysql(route: Route, conv: _Conversation) -> Passed:
             code, message = _mysql_err(reply)
             if code in MYSQL_FATAL_ERRORS:
                 raise CheckFailed(f"server refused the login: ERR {code} {message} "
-                                  f"({MYSQL_FATAL_ERRORS[code]})")
+                                  f"({MYSQL_FATAL_ERRORS[code]})", "server_refused")
             return Passed(
                 f"MySQL server {server} answered (login rejected)",
                 warning=(f"check user {route.probe.check_user!r} rejected: ERR {code} {message}; "
@@ -626,18 +661,18 @@ def _tls_handshake(conv: _Conversation, server_name: str | None, what: str) -> s
         tls = _client_tls_context().wrap_socket(conv.sock, server_hostname=server_name,
                                                 do_handshake_on_connect=False)
     except OSError as exc:
-        raise CheckFailed(f"{what} failed: {exc}") from None
+        raise CheckFailed(f"{what} failed: {exc}", "tls") from None
     conv.sock = tls
     try:
         tls.do_handshake()
     except TimeoutError:
-        raise CheckFailed(conv.timeout_text(what)) from None
+        raise CheckFailed(conv.timeout_text(what), "timeout") from None
     except ssl.SSLEOFError:
-        raise CheckFailed(conv.closed_text(f"the end of the {what}")) from None
+        raise CheckFailed(conv.closed_text(f"the end of the {what}"), "closed") from None
     except ConnectionResetError:
-        raise CheckFailed(conv.closed_text(f"the end of the {what}", "connection reset")) from None
+        raise CheckFailed(conv.closed_text(f"the end of the {what}", "connection reset"), "closed") from None
     except ssl.SSLError as exc:
-        raise CheckFailed(f"{what} failed: {exc.reason or exc}") from None
+        raise CheckFailed(f"{what} failed: {exc.reason or exc}", "tls") from None
     return tls
 
 
@@ -814,9 +849,9 @@ def check_connect(route: Route, conv: _Conversation) -> Passed:
     except TimeoutError:
         return Passed("TCP connect OK, still open after the settle window")
     except ConnectionResetError:
-        raise CheckFailed(f"accepted then reset within {settle:.1f} s{conv._hint_closed()}") from None
+        raise CheckFailed(f"accepted then reset within {settle:.1f} s{conv._hint_closed()}", "closed") from None
     if not data:
-        raise CheckFailed(f"accepted then closed within {settle:.1f} s{conv._hint_closed()}")
+        raise CheckFailed(f"accepted then closed within {settle:.1f} s{conv._hint_closed()}", "closed")
     return Passed("TCP connect OK, server spoke first")
 
 
@@ -839,15 +874,15 @@ def run_check(route: Route, resolver: Resolver | None = None) -> CheckResult:
     try:
         conv = open_conversation(route, deadline, resolver or Resolver(route.host, route.port))
         passed = CHECKS[route.probe.mode](route, conv)
-        healthy, reason, warning = True, passed.reason, passed.warning
+        healthy, reason, warning, failure = True, passed.reason, passed.warning, None
     except CheckFailed as exc:
-        healthy, reason, warning = False, str(exc), None
+        healthy, reason, warning, failure = False, str(exc), None, exc.kind
     finally:
         if conv is not None:
             conv.close()
     finished = time.monotonic()
     return CheckResult(healthy=healthy, reason=reason, warning=warning,
-                       latency_s=finished - started, finished_at=finished)
+                       latency_s=finished - started, finished_at=finished, failure=failure)
 
 
 # --------------------------------------------------------------------------------------
@@ -906,6 +941,10 @@ class RouteChecker(threading.Thread):
         self.host_key = host_key
         self.result: CheckResult | None = None  # replaced whole: readers need no lock
         self.rounds = 0
+        # For GET /metrics, updated by this thread only, after each result.
+        self.consecutive_failures = 0
+        self.state_changes = 0  # up<->down flips between two consecutive check results
+        self.last_failure = "none"  # FAILURE_REASONS of the latest failed check
         self.heartbeat = time.monotonic()  # start of the current round
         self._stop_event = stop
         self._check = check
@@ -921,12 +960,22 @@ class RouteChecker(threading.Thread):
             except Exception as exc:  # noqa: BLE001 - a bug in a check must not kill the checker
                 now = time.monotonic()
                 result = CheckResult(healthy=False, reason=f"check crashed: {exc!r}",
-                                     latency_s=now - self.heartbeat, finished_at=now)
+                                     latency_s=now - self.heartbeat, finished_at=now, failure="other")
+            self._count(self.result, result)
             self.result = result
             self.rounds += 1
             # Fixed rate; a round that overran starts the next at once, never a catch-up burst.
             next_start = max(next_start + interval, time.monotonic())
             self._stop_event.wait(next_start - time.monotonic())
+
+    def _count(self, previous: CheckResult | None, result: CheckResult) -> None:
+        if result.healthy:
+            self.consecutive_failures = 0
+        else:
+            self.consecutive_failures += 1
+            self.last_failure = result.failure if result.failure in FAILURE_REASONS else "other"
+        if previous is not None and previous.healthy != result.healthy:
+            self.state_changes += 1
 
     def status(self, now: float) -> dict[str, Any]:
         """What the load balancer gets for this route, computed from the cache only."""
@@ -962,6 +1011,206 @@ class RouteChecker(threading.Thread):
 
 
 # --------------------------------------------------------------------------------------
+# Metrics (GET /metrics, Prometheus text format 0.0.4)
+# --------------------------------------------------------------------------------------
+
+# HAProxy's own Prometheus exporter, served by the routes file's ``tunnelhub_metrics`` frontend on
+# a Unix socket only (no TCP port to collide with a route or be reached from outside).
+DEFAULT_HAPROXY_METRICS = "/run/haproxy/tunnelhub-metrics.sock"
+HAPROXY_METRICS_REQUEST = "/metrics?scope=frontend&scope=backend"  # no server/global sections
+HAPROXY_SCRAPE_TIMEOUT_S = 1.0  # the whole read; past it the HAProxy part is left out (haproxy_up 0)
+HAPROXY_SCRAPE_MIN_AGE_S = 1.0  # scrapes within this share one read: N scrapers cost HAProxy one
+HAPROXY_SCRAPE_MAX_BYTES = 4 << 20
+# The HAProxy figures re-served, per route (its listen section is named after it): name -> type.
+# Everything else HAProxy exports (about 60 families per proxy) is dropped to bound the output.
+HAPROXY_FAMILIES = {
+    "haproxy_frontend_current_sessions": "gauge",
+    "haproxy_frontend_limit_sessions": "gauge",
+    "haproxy_frontend_sessions_total": "counter",
+    "haproxy_backend_current_sessions": "gauge",
+    "haproxy_backend_sessions_total": "counter",
+    "haproxy_backend_connection_errors_total": "counter",
+    "haproxy_backend_current_queue": "gauge",
+    "haproxy_backend_connect_time_average_seconds": "gauge",
+}
+_HAPROXY_SAMPLE_RE = re.compile(r'^(haproxy_[a-z_]+)\{proxy="([^"\\]*)"\} (\S+)$')
+_HAPROXY_HELP_RE = re.compile(r"^# HELP (haproxy_[a-z_]+) (.*)$")
+
+
+@dataclass(frozen=True)
+class HaproxySample:
+    ok: bool
+    duration_s: float
+    at: float  # time.monotonic() when the read ended
+    values: dict[tuple[str, str], str]  # (family, proxy) -> the value as HAProxy wrote it
+    help: dict[str, str]
+    error: str | None = None
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class HaproxyMetrics:
+    """Reads HAProxy's exporter for ``GET /metrics``, at most once per HAPROXY_SCRAPE_MIN_AGE_S.
+
+    Only a metrics scrape reads it (never a route check, never an LB probe: ``/routes/`` and
+    ``/healthz`` do not come here), one read at a time, bounded by HAPROXY_SCRAPE_TIMEOUT_S. A
+    scraper that finds a read under way does not wait: it gets the previous read (or "up 0"), so
+    however many scrapers ask, at most one HTTP handler thread waits on HAProxy and a wedged
+    HAProxy cannot use up the handler slots (HTTP_MAX_CONCURRENT) the LB probes need.
+    """
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.reads = 0
+        self._lock = threading.Lock()
+        self._last: HaproxySample | None = None
+
+    def sample(self) -> HaproxySample | None:
+        if self.path is None:
+            return None
+        if not self._lock.acquire(blocking=False):
+            last = self._last
+            return last or HaproxySample(False, 0.0, time.monotonic(), {}, {}, "the first read is under way")
+        try:
+            last = self._last
+            if last is not None and time.monotonic() - last.at < HAPROXY_SCRAPE_MIN_AGE_S:
+                return last
+            self._last = self._read()
+            return self._last
+        finally:
+            self._lock.release()
+
+    def _read(self) -> HaproxySample:
+        assert self.path is not None
+        self.reads += 1
+        started = time.monotonic()
+        deadline = Deadline(HAPROXY_SCRAPE_TIMEOUT_S)
+        connection = _UnixHTTPConnection(self.path, HAPROXY_SCRAPE_TIMEOUT_S)
+        try:
+            connection.request("GET", HAPROXY_METRICS_REQUEST)
+            response = connection.getresponse()
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status}")
+            body = bytearray()
+            while chunk := response.read(65536):
+                body += chunk
+                if len(body) > HAPROXY_SCRAPE_MAX_BYTES:
+                    raise OSError(f"answer larger than {HAPROXY_SCRAPE_MAX_BYTES} bytes")
+                if deadline.left() <= 0:
+                    raise TimeoutError("timed out")
+        except (OSError, http.client.HTTPException) as exc:
+            now = time.monotonic()
+            return HaproxySample(False, now - started, now, {}, {},
+                                 f"{self.path}: {getattr(exc, 'strerror', None) or exc or type(exc).__name__}")
+        finally:
+            connection.close()
+        values: dict[tuple[str, str], str] = {}
+        helps: dict[str, str] = {}
+        for line in body.decode("utf-8", "replace").splitlines():
+            match = _HAPROXY_SAMPLE_RE.match(line)
+            if match and match.group(1) in HAPROXY_FAMILIES:
+                values[(match.group(1), match.group(2))] = match.group(3)
+                continue
+            match = _HAPROXY_HELP_RE.match(line)
+            if match and match.group(1) in HAPROXY_FAMILIES:
+                helps[match.group(1)] = match.group(2)
+        now = time.monotonic()
+        return HaproxySample(True, now - started, now, values, helps)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float | None) -> str:
+    return "NaN" if value is None else repr(float(value))
+
+
+class _Exposition:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str,
+               samples: list[tuple[dict[str, str], str]]) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+            self.lines.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _route(name: str) -> dict[str, str]:
+    return {"route": name}
+
+
+def render_metrics(daemon: HealthDaemon, now: float) -> str:
+    """The exposition, from the checkers' cached state only: scraping never runs a check."""
+    out = _Exposition()
+    checkers = dict(daemon.checkers)  # the set a reload may swap while we read
+    rows = []
+    for name, checker in checkers.items():
+        status = checker.status(now)
+        result = checker.result
+        reason = checker.last_failure
+        if not status["healthy"] and result is not None:
+            reason = "stale" if status["reason"].startswith("stale:") else (result.failure or "other")
+        rows.append((name, checker, status, result, reason))
+    out.family("tunnelhub_route_info", "gauge", "The route's kind and probe mode (value always 1)",
+               [({"route": n, "kind": c.route.kind, "mode": c.route.probe.mode}, "1") for n, c, *_ in rows])
+    out.family("tunnelhub_route_up", "gauge",
+               "1 when the route can carry traffic from this proxy (GET /routes/<name> answers 200), else 0",
+               [(_route(n), "1" if st["healthy"] else "0") for n, _, st, _, _ in rows])
+    out.family("tunnelhub_route_check_latency_seconds", "gauge", "Duration of the route's last finished check",
+               [(_route(n), _number(r.latency_s if r else None)) for n, _, _, r, _ in rows])
+    out.family("tunnelhub_route_last_check_age_seconds", "gauge", "Seconds since the route's last check finished",
+               [(_route(n), _number(now - r.finished_at if r else None)) for n, _, _, r, _ in rows])
+    out.family("tunnelhub_route_consecutive_failures", "gauge", "Failed checks in a row (0 after a passed check)",
+               [(_route(n), str(c.consecutive_failures)) for n, c, *_ in rows])
+    out.family("tunnelhub_route_state_changes_total", "counter",
+               "Flips between up and down of the route's check result since its checker started",
+               [(_route(n), str(c.state_changes)) for n, c, *_ in rows])
+    out.family("tunnelhub_route_checks_total", "counter", "Checks the route's checker ran (one per probe interval)",
+               [(_route(n), str(c.rounds)) for n, c, *_ in rows])
+    out.family("tunnelhub_route_last_failure_reason", "gauge",
+               "1 for the class of the route's current failure when down, else of its latest failed check "
+               "(none: no failure since the checker started); 0 for the other classes",
+               [({"route": n, "reason": k}, "1" if k == reason else "0")
+                for n, _, _, _, reason in rows for k in FAILURE_REASONS])
+    out.family("tunnelhub_config_info", "gauge", "The hub configuration document version loaded (value always 1)",
+               [({"config_version": daemon.config.config_version or "none"}, "1")])
+    sample = daemon.haproxy.sample()
+    if sample is not None:
+        out.family("tunnelhub_haproxy_up", "gauge",
+                   "1 when HAProxy's exporter answered this scrape's read (its figures follow), else 0",
+                   [({}, "1" if sample.ok else "0")])
+        out.family("tunnelhub_haproxy_scrape_duration_seconds", "gauge", "Duration of the last read of HAProxy's exporter",
+                   [({}, _number(sample.duration_s))])
+        if sample.ok:
+            for family, kind in HAPROXY_FAMILIES.items():
+                values = [(_route(n), sample.values[(family, n)]) for n, *_ in rows if (family, n) in sample.values]
+                if values:
+                    out.family(family, kind, sample.help.get(family, family), values)
+    return out.text()
+
+
+# --------------------------------------------------------------------------------------
 # HTTP
 # --------------------------------------------------------------------------------------
 
@@ -982,6 +1231,9 @@ class HealthHandler(BaseHTTPRequestHandler):
         daemon = self.server.health
         path = self.path.split("?", 1)[0]
         now = time.monotonic()
+        if path == "/metrics":
+            self._send(200, render_metrics(daemon, now).encode("utf-8"), METRICS_CONTENT_TYPE, send_body)
+            return
         if path.startswith("/routes/"):
             checker = daemon.checkers.get(path[len("/routes/"):])
             if checker is None:
@@ -997,10 +1249,14 @@ class HealthHandler(BaseHTTPRequestHandler):
             body = daemon.liveness(now)
             code = 200 if body["alive"] else 503
         else:
-            code, body = 404, {"error": "unknown path", "paths": ["/", "/healthz", "/routes/<name>"]}
+            code, body = 404, {"error": "unknown path", "paths": ["/", "/healthz", "/metrics", "/routes/<name>"]}
         payload = (json.dumps(body, separators=(",", ":")) + "\n").encode("utf-8")
+        self._send(code, payload, "application/json", send_body)
+
+    def _send(self, code: int, payload: bytes, content_type: str, send_body: bool) -> None:
+        daemon = self.server.health
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Cache-Control", "no-store")
         self.send_header(VERSION_HEADER, daemon.config.config_version or "none")
@@ -1068,8 +1324,10 @@ class HealthDaemon:
     def __init__(self, config: Config,
                  check: Callable[[Route, Resolver], CheckResult] = run_check,
                  status_file: str | None = None,
-                 host_key_status: str = DEFAULT_HOST_KEY_STATUS):
+                 host_key_status: str = DEFAULT_HOST_KEY_STATUS,
+                 haproxy_metrics: str | None = DEFAULT_HAPROXY_METRICS):
         self.config = config
+        self.haproxy = HaproxyMetrics(haproxy_metrics)
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self._check = check
@@ -1249,6 +1507,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="check every route once, print JSON, exit 0 if all are healthy else 1")
     parser.add_argument("--status-file", default=None,
                         help="the reconciler's status JSON, shown in GET / (default: none)")
+    parser.add_argument("--haproxy-metrics", default=DEFAULT_HAPROXY_METRICS,
+                        help="Unix socket of HAProxy's Prometheus exporter, re-served filtered in GET /metrics "
+                             f"('none': leave HAProxy out; default {DEFAULT_HAPROXY_METRICS})")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
     try:
@@ -1261,7 +1522,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.once:
         return _run_once(config)
 
-    daemon = HealthDaemon(config, status_file=args.status_file, host_key_status=args.host_key_status)
+    daemon = HealthDaemon(config, status_file=args.status_file, host_key_status=args.host_key_status,
+                          haproxy_metrics=None if args.haproxy_metrics == "none" else args.haproxy_metrics)
     try:
         daemon.start()
     except OSError as exc:
