@@ -450,8 +450,8 @@ class H(BaseHTTPRequestHandler):
 HTTPServer(("127.0.0.1", {HEALTH_PORT}), H).serve_forever()
 """
 # systemd does not run in the root: the status command's systemctl and journalctl stand-ins.
-FAKE_SYSTEMCTL = "#!/bin/sh\nprintf 'ActiveState=active\\nSubState=running\\nActiveEnterTimestamp=@1700000000\\n'\n"
-FAKE_JOURNALCTL = "#!/bin/sh\nexit 0\n"
+STATUS_SYSTEMCTL = "#!/bin/sh\nprintf 'ActiveState=active\\nSubState=running\\nActiveEnterTimestamp=@1700000000\\n'\n"
+STATUS_JOURNALCTL = "#!/bin/sh\nexit 0\n"
 
 PROBE = f"""
 import socket, sys
@@ -610,7 +610,7 @@ def _exec_start_brings_the_tunnel_up(stack, cached_root, tmp_path, netns, workdi
         # (mode 0660, the service group), with the root's own python3
         sock = root.path(f"{runtime}/health.sock")
         assert stat.S_ISSOCK(os.stat(sock).st_mode) and stat.S_IMODE(os.stat(sock).st_mode) == 0o660
-        for name, text in (("systemctl", FAKE_SYSTEMCTL), ("journalctl", FAKE_JOURNALCTL)):
+        for name, text in (("systemctl", STATUS_SYSTEMCTL), ("journalctl", STATUS_JOURNALCTL)):
             root.path(f"/usr/local/bin/{name}").write_text(text)
             root.path(f"/usr/local/bin/{name}").chmod(0o755)
         shown = root.run("/usr/bin/tunnelhub-optest-status", "--json", check=False,
