@@ -350,8 +350,9 @@ def test_installed_unit_adds_and_removes_the_quickack_route(cached_root, debs, l
         install(root, debs["v1"])
         unit = root.path(f"/lib/systemd/system/{PKG}@.service").read_text()
         env = {**unit_environment(unit), **read_env_file(root.path(f"{ETC}/slot-0.env").read_text())}
-        (pre_prefix, pre), = exec_commands(unit, "ExecStartPre")
-        (post_prefix, post), = exec_commands(unit, "ExecStopPost")
+        # the quick-ACK helper's lines (the others echo the journal's slot=/route= lines)
+        (pre_prefix, pre), = [c for c in exec_commands(unit, "ExecStartPre") if c[1][0] != "/bin/echo"]
+        (post_prefix, post), = [c for c in exec_commands(unit, "ExecStopPost") if c[1][0] != "/bin/echo"]
         assert pre_prefix == post_prefix == "-+", "as root, never failing the unit"
 
         def routes() -> str:
@@ -586,8 +587,8 @@ def _exec_start_brings_the_tunnel_up(stack, cached_root, tmp_path, netns, workdi
     procs: list[subprocess.Popen] = []
     try:
         _start(["ip", "netns", "exec", netns, "python3", "-c", ECHO_SERVER], procs)
+        _sshd(netns, workdir, workdir / "hub_host_key", procs)  # procs[1], replaced below
         _start(["ip", "netns", "exec", netns, "python3", "-c", HEALTH_SERVER], procs)
-        _sshd(netns, workdir, workdir / "hub_host_key", procs)
 
         # WHEN the unit's ExecStart runs, as the service user, with the unit's environment
         trace = tmp_path / "trace"
@@ -614,7 +615,7 @@ def _exec_start_brings_the_tunnel_up(stack, cached_root, tmp_path, netns, workdi
             root.path(f"/usr/local/bin/{name}").write_text(text)
             root.path(f"/usr/local/bin/{name}").chmod(0o755)
         shown = root.run("/usr/bin/tunnelhub-optest-status", "--json", check=False,
-                         env={"PATH": "/usr/local/bin:/usr/bin:/bin"})
+                         env={"PATH": "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"})  # chroot is in /usr/sbin
         assert shown.returncode == 0, shown.stdout + shown.stderr
         status = json.loads(shown.stdout)
         assert status["slots"][0]["tunnel"] == "up"

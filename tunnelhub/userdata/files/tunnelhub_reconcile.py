@@ -16,8 +16,8 @@ applies what differs from what runs:
 1. **Verify** (nothing touched yet): JSON, ``schema`` known, ``hub`` this hub, ``checksum`` the
    SHA-256 of the payload's canonical JSON and ``version`` its first 12 hex digits, every part of
    the payload well-formed (the health routes with the health daemon's own parser, every
-   authorized_keys line parsed, the fingerprints equal to the key summary, the sshd rules to
-   the tunnel routes, HAProxy's routes file with ``haproxy -c`` on a candidate copy). A document
+   authorized_keys line parsed and opening nothing but 127.0.0.1:<health_port>, the fingerprints
+   equal to the key summary, the sshd rules to the tunnel routes and the health port, HAProxy's routes file with ``haproxy -c`` on a candidate copy). A document
    that fails is REFUSED: one log line, the status file says why, the running configuration stays.
 2. **Gate** (docs/live-config.md, "Rollout safety"): a document that changes a route which is
    healthy here waits until the canary (the lowest-numbered peer slot whose health endpoint
