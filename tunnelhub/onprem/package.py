@@ -233,7 +233,11 @@ class PackagePlan:
         """The unit's ExecStart, one line per option group: autossh without its monitor port,
         the ssh options file, every tunnel as ``-R``, the health endpoint as ``-L`` (the status
         command's view of the proxy), then the slot's address. ``${RUNTIME_DIRECTORY}`` is set by
-        systemd (``RuntimeDirectory=``)."""
+        systemd (``RuntimeDirectory=``) before it expands the command line: systemd
+        src/core/execute.c, ``build_environment()`` adds ``RUNTIME_DIRECTORY=<prefix>/<path>``
+        (``exec_directory_env_name_to_string``) to the environment that ``exec_child()`` passes
+        to ``replace_env_argv(command->argv, accum_env)``; ``$SERVICE_RESULT`` & co. for the
+        ExecStopPost lines come in ``params->environment``, merged into the same block."""
         return [
             f"{AUTOSSH} -M 0 -N -F {self.ssh_config}",
             *(f"-R {fwd.remote_forward}" for fwd in self.forwards),
