@@ -350,8 +350,9 @@ def test_installed_unit_adds_and_removes_the_quickack_route(cached_root, debs, l
         install(root, debs["v1"])
         unit = root.path(f"/lib/systemd/system/{PKG}@.service").read_text()
         env = {**unit_environment(unit), **read_env_file(root.path(f"{ETC}/slot-0.env").read_text())}
-        (pre_prefix, pre), = exec_commands(unit, "ExecStartPre")
-        (post_prefix, post), = exec_commands(unit, "ExecStopPost")
+        # the quick-ACK helper's lines (the others echo the journal's slot=/route= lines)
+        (pre_prefix, pre), = [c for c in exec_commands(unit, "ExecStartPre") if c[1][0] != "/bin/echo"]
+        (post_prefix, post), = [c for c in exec_commands(unit, "ExecStopPost") if c[1][0] != "/bin/echo"]
         assert pre_prefix == post_prefix == "-+", "as root, never failing the unit"
 
         def routes() -> str:
@@ -436,6 +437,23 @@ while True:
         c.sendall(b"target:" + c.recv(64))
 """
 
+HEALTH_PORT = 8080  # proxies.health_port's default
+HEALTH_SERVER = f"""
+import json
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.path == "/routes/echo"
+        body = json.dumps({{"route": "echo", "healthy": ok, "reason": "tcp connect ok" if ok else "no route"}}).encode()
+        self.send_response(200 if ok else 404); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+HTTPServer(("127.0.0.1", {HEALTH_PORT}), H).serve_forever()
+"""
+# systemd does not run in the root: the status command's systemctl and journalctl stand-ins.
+STATUS_SYSTEMCTL = "#!/bin/sh\nprintf 'ActiveState=active\\nSubState=running\\nActiveEnterTimestamp=@1700000000\\n'\n"
+STATUS_JOURNALCTL = "#!/bin/sh\nexit 0\n"
+
 PROBE = f"""
 import socket, sys
 try:
@@ -451,7 +469,8 @@ def _sshd(netns: str, workdir: Path, host_key: Path, procs: list) -> subprocess.
     config.write_text(
         f"Port 22\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile none\nUsePAM no\nStrictModes no\n"
         f"AuthorizedKeysFile {workdir}/authorized_keys\nAllowUsers {TUNNEL_USER}\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nAllowTcpForwarding remote\nGatewayPorts no\nPermitTTY no\n"
+        "KbdInteractiveAuthentication no\nAllowTcpForwarding yes\nGatewayPorts no\nPermitTTY no\n"
+        f"PermitOpen 127.0.0.1:{HEALTH_PORT}\n"  # as the hub document's forwarding rules
         "X11Forwarding no\nLogLevel VERBOSE\n"
     )
     # sshd refuses to start without its privilege separation directory, which only its service
@@ -550,18 +569,26 @@ def _exec_start_brings_the_tunnel_up(stack, cached_root, tmp_path, netns, workdi
     root = stack.enter_context(extracted_root(cached_root))
     install(root, deb)
     client_pub = root.path("/var/lib/tunnelhub-optest/id_ed25519.pub").read_text().strip()
-    (workdir / "authorized_keys").write_text(f'restrict,port-forwarding,permitlisten="localhost:{TUNNEL_PORT}" {client_pub}\n')
+    (workdir / "authorized_keys").write_text(f'restrict,port-forwarding,permitlisten="localhost:{TUNNEL_PORT}",'
+                                             f'permitopen="127.0.0.1:{HEALTH_PORT}" {client_pub}\n')
     (workdir / "authorized_keys").chmod(0o644)
     unit = root.path("/lib/systemd/system/tunnelhub-optest@.service").read_text()
-    env = {**unit_environment(unit), **read_env_file(root.path("/etc/tunnelhub/optest/slot-0.env").read_text())}
+    # systemd would create the unit's RuntimeDirectory= for the service user and set $RUNTIME_DIRECTORY
+    runtime = "/run/tunnelhub-optest/slot-0"
+    assert "RuntimeDirectory=tunnelhub-optest/slot-%i" in unit
+    root.run("install", "-d", "-m", "0750", "-o", "tunnelhub-optest", "-g", "tunnelhub-optest", runtime)
+    env = {**unit_environment(unit), **read_env_file(root.path("/etc/tunnelhub/optest/slot-0.env").read_text()),
+           "RUNTIME_DIRECTORY": runtime}
     argv = expand(exec_start_words(unit), env)
+    assert f"{runtime}/health.sock:127.0.0.1:{HEALTH_PORT}" in argv
     assert argv[-1] == "127.0.0.1" and f"localhost:{TUNNEL_PORT}:127.0.0.1:{TARGET_PORT}" in argv
     as_service_user = ["setpriv", "--reuid=tunnelhub-optest", "--regid=tunnelhub-optest", "--init-groups", "--"]
 
     procs: list[subprocess.Popen] = []
     try:
         _start(["ip", "netns", "exec", netns, "python3", "-c", ECHO_SERVER], procs)
-        _sshd(netns, workdir, workdir / "hub_host_key", procs)
+        _sshd(netns, workdir, workdir / "hub_host_key", procs)  # procs[1], replaced below
+        _start(["ip", "netns", "exec", netns, "python3", "-c", HEALTH_SERVER], procs)
 
         # WHEN the unit's ExecStart runs, as the service user, with the unit's environment
         trace = tmp_path / "trace"
@@ -579,6 +606,22 @@ def _exec_start_brings_the_tunnel_up(stack, cached_root, tmp_path, netns, workdi
         assert answer == "target:ping", f"no tunnel within {READY_TIMEOUT_S} s (last answer {answer!r})"
         time.sleep(KEEPALIVE_WAIT_S)  # an idle tunnel: ssh sends its keep-alive probes
         assert _in_netns(netns, PROBE).stdout.strip() == "target:ping"
+
+        # AND the installed status command reads the route health through the session's -L socket
+        # (mode 0660, the service group), with the root's own python3
+        sock = root.path(f"{runtime}/health.sock")
+        assert stat.S_ISSOCK(os.stat(sock).st_mode) and stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+        for name, text in (("systemctl", STATUS_SYSTEMCTL), ("journalctl", STATUS_JOURNALCTL)):
+            root.path(f"/usr/local/bin/{name}").write_text(text)
+            root.path(f"/usr/local/bin/{name}").chmod(0o755)
+        shown = root.run("/usr/bin/tunnelhub-optest-status", "--json", check=False,
+                         env={"PATH": "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"})  # chroot is in /usr/sbin
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        status = json.loads(shown.stdout)
+        assert status["slots"][0]["tunnel"] == "up"
+        assert status["slots"][0]["routes"][0] == {
+            "route": "echo", "tunnel_port": TUNNEL_PORT, "state": "up", "healthy": True, "reason": "tcp connect ok",
+            "http_status": 200, "checked_age_s": None}
         _stop([client])
 
         # AND everything autossh and ssh did is allowed by the unit's sandbox

@@ -117,7 +117,8 @@ def test_entries_are_root_owned_dated_and_moded(built):
         for m in entries:
             assert (m.uid, m.gid, m.uname, m.gname) == (0, 0, "root", "root"), m.name
             assert m.mtime == EPOCH, m.name
-            executables = (f"./usr/bin/tunnelhub-{hub}-pubkey", f"./usr/libexec/tunnelhub-{hub}/quickack-route")
+            executables = (f"./usr/bin/tunnelhub-{hub}-pubkey", f"./usr/bin/tunnelhub-{hub}-status",
+                           f"./usr/libexec/tunnelhub-{hub}/quickack-route")
             expected = 0o755 if m.isdir() or m.name in executables else 0o644
             assert m.mode == expected, (m.name, oct(m.mode))
 

@@ -134,6 +134,7 @@ def test_every_tunnel_route_is_one_remote_forward_on_localhost():
         "/usr/bin/autossh", "-M", "0", "-N", "-F", "/etc/tunnelhub/weu/ssh_config",
         "-R", "localhost:13306:orders-db.corp.example:3306",
         "-R", "localhost:25432:[fd00::15]:5432",
+        "-L", "${RUNTIME_DIRECTORY}/health.sock:127.0.0.1:8080",  # the proxy's health endpoint, for -status
         "${TUNNELHUB_ENDPOINT}",
     ]
 

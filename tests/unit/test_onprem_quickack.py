@@ -316,9 +316,12 @@ def test_the_spec_switch_defaults_on_and_off_leaves_no_trace(tmp_path):
     assert helper not in [f.path for f in off.files]
     depends = {d: subprocess.run(["dpkg-deb", "-f", str(d.path), "Depends"], capture_output=True, text=True,
                                  check=True).stdout.strip() for d in (on, off)}
-    assert depends[on].endswith("systemd, iproute2, python3") and depends[off].endswith("systemd")
+    # python3 stays for the status command (tunnelhub-<hub>-status)
+    assert depends[on].endswith("python3, systemd, iproute2") and depends[off].endswith("python3, systemd")
     unit_off = deb_file(off.path, "/lib/systemd/system/tunnelhub-weu@.service").decode()
-    assert "ExecStartPre" not in unit_off and "ExecStopPost" not in unit_off and "quickack" not in unit_off
+    assert "quickack" not in unit_off
+    assert all(p == "-" and words[0] == "/bin/echo"  # only the journal lines (slot=, route=) remain
+               for key in ("ExecStartPre", "ExecStopPost") for p, words in exec_commands(unit_off, key))
 
 
 def test_the_unit_adds_the_route_before_the_tunnel_as_root_and_removes_it_after(tmp_path):
@@ -326,8 +329,10 @@ def test_the_unit_adds_the_route_before_the_tunnel_as_root_and_removes_it_after(
     unit = deb_file(deb.path, "/lib/systemd/system/tunnelhub-weu@.service").decode()
     env = {**unit_environment(unit), **read_env_file(deb_file(deb.path, "/etc/tunnelhub/weu/slot-1.env").decode())}
 
-    pre = exec_commands(unit, "ExecStartPre")
-    post = exec_commands(unit, "ExecStopPost")
+    # the quick-ACK lines; the others (prefix "-", /bin/echo) are the journal's slot/route lines
+    pre = [c for c in exec_commands(unit, "ExecStartPre") if c[0] == "-+"]
+    post = [c for c in exec_commands(unit, "ExecStopPost") if c[0] == "-+"]
+    assert exec_commands(unit, "ExecStartPre")[0] == pre[0], "the route is added first"
 
     assert [p for p, _ in pre + post] == ["-+", "-+"], "as root, never failing the unit"
     assert expand(expand_instance(pre[0][1], "1"), env) == [

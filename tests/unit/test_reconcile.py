@@ -224,6 +224,14 @@ BAD_DOCUMENTS = {
         "restrict,", ""))), "must start with restrict"),
     "a key whose data is not its type": (_edit_signed(lambda p: p.update(authorized_keys=p["authorized_keys"].replace(
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5", "ssh-rsa AAAAC3NzaC1lZDI1NTE5"))), "is not a ssh-rsa key"),
+    "a key that may open more than the health endpoint": (
+        _edit_signed(lambda p: p.update(authorized_keys=p["authorized_keys"].replace(
+            'permitopen="127.0.0.1:', 'permitopen="169.254.169.254:80",permitopen="127.0.0.1:'))),
+        "may open only 127.0.0.1:"),
+    "forwarding rules that open more than the health endpoint": (
+        _edit_signed(lambda p: p.update(sshd_tunnel_forwarding=p["sshd_tunnel_forwarding"].replace(
+            "PermitOpen 127.0.0.1:", "PermitOpen 169.254.169.254:80 127.0.0.1:"))),
+        "the tunnel routes need"),
     "forwarding rules that open more ports": (
         _edit_signed(lambda p: p.update(sshd_tunnel_forwarding="AllowTcpForwarding all\nPermitListen any\n")),
         "the tunnel routes need"),
@@ -482,6 +490,8 @@ def gated(tmp_path):
         rendered["payload"]["peers"] = [{"slot": 0, "address": "127.0.0.2"}, {"slot": 1, "address": "127.0.0.3"}]
         rendered["payload"]["health_port"] = port
         rendered["payload"]["health"]["port"] = port
+        for part in ("authorized_keys", "sshd_tunnel_forwarding"):  # the -L the tunnel hosts may open
+            rendered["payload"][part] = rendered["payload"][part].replace("127.0.0.1:8080", f"127.0.0.1:{port}")
         return resign(rendered)
 
     first = document(hub_data())

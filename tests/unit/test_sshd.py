@@ -4,8 +4,20 @@
 (the proxy's layout: the drop-in is read first and its values win; its ``Match`` block includes
 the tunnel user's forwarding rules from the hub configuration document), then a throwaway sshd on a
 loopback port with a real tunnel user (``udtunnel``, created and removed here) and real ``ssh``
-clients: the allowed ``-R localhost:P:...`` carries traffic; another port, ``-R 127.0.0.1:P``, a
-command, a PTY, a ``-L`` and a connection from outside ``onprem.source_cidrs`` are refused.
+clients: the allowed ``-R localhost:P:...`` carries traffic, and so does ``-L`` to the proxy's health
+endpoint, ``127.0.0.1:<health_port>`` exactly (the on-prem status command reads route health
+through its tunnel); another port, ``-R 127.0.0.1:P``, a command, a PTY, any other ``-L`` (another
+port, ``localhost:<health_port>``, another address) and a connection from outside
+``onprem.source_cidrs`` are refused.
+
+The rules, from OpenSSH's manuals (9.2, Debian 12): sshd(8), AUTHORIZED_KEYS FILE FORMAT:
+``permitopen="host:port"`` "Limit local port forwarding with ssh(1) -L such that it may only
+connect to the specified host and port. ... No pattern matching or name lookup is performed on
+the specified hostnames, they must be literal host names and/or addresses"; ``restrict`` "Enable
+all restrictions", ``port-forwarding`` "Enable port forwarding previously disabled by the
+restrict option". sshd_config(5): ``AllowTcpForwarding`` yes/all, local, remote, no; ``PermitOpen``
+"Specifies the destinations to which TCP port forwarding is permitted ... no pattern matching or
+address lookups are performed on supplied names". Both lists must permit a destination.
 """
 
 from __future__ import annotations
@@ -44,11 +56,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def render_hub(tunnel_ports: list[int], client_key: str, source_cidrs: list[str]):
+def render_hub(tunnel_ports: list[int], client_key: str, source_cidrs: list[str], health_port: int):
     routes = [{"name": f"db{i}", "kind": "tunnel", "port": 3306 + i, "target": f"db{i}.corp.example:3306",
                "tunnel_port": port, "type": "mysql"} for i, port in enumerate(tunnel_ports)]
-    return load_hubs(aws_hub(routes=routes, onprem={"source_cidrs": source_cidrs, "tunnel_user": TUNNEL_USER,
-                                                     "tunnel_public_keys": [client_key]})).hubs[0]
+    return load_hubs(aws_hub(routes=routes, proxies={"health_port": health_port},
+                             onprem={"source_cidrs": source_cidrs, "tunnel_user": TUNNEL_USER,
+                                     "tunnel_public_keys": [client_key]})).hubs[0]
 
 
 @dataclass
@@ -61,9 +74,10 @@ class SshdSetup:
     client_key: Path
     client_public: str
     tunnel_ports: list[int]
+    health_port: int
 
     def write_keys(self, source_cidrs: list[str]) -> None:
-        hub = render_hub(self.tunnel_ports, self.client_public, source_cidrs)
+        hub = render_hub(self.tunnel_ports, self.client_public, source_cidrs, self.health_port)
         self.authorized_keys.write_text(D.tunnel_authorized_keys(hub))
 
 
@@ -94,7 +108,8 @@ def setup(tunnel_user):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / name)], check=True)
         client_public = (workdir / "client_key.pub").read_text().strip()
         tunnel_ports = [free_port(), free_port()]
-        hub = render_hub(tunnel_ports, client_public, ["127.0.0.0/8"])
+        health_port = free_port()
+        hub = render_hub(tunnel_ports, client_public, ["127.0.0.0/8"], health_port)
         (workdir / "sshd_config.d").mkdir()
         authorized_keys = workdir / "authorized_keys"
         forwarding = workdir / "tunnel-forwarding.conf"  # outside sshd_config.d, as on the proxy
@@ -113,7 +128,7 @@ def setup(tunnel_user):
         config.write_text(main + f"\nHostKey {workdir / 'host_key'}\nPidFile {workdir / 'sshd.pid'}\n")
         Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
         yield SshdSetup(workdir, config, dropin, authorized_keys, forwarding, workdir / "client_key",
-                        client_public, tunnel_ports)
+                        client_public, tunnel_ports, health_port)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -145,9 +160,9 @@ def test_sshd_check_can_fail(setup):
 
 def test_effective_settings_for_the_tunnel_user(setup):
     got = effective(setup.config, TUNNEL_USER)
-    assert got["allowtcpforwarding"] == "remote"
+    assert got["allowtcpforwarding"] == "yes"
     assert got["permitlisten"] == " ".join(f"localhost:{p}" for p in setup.tunnel_ports)
-    assert got["permitopen"] == "none"
+    assert got["permitopen"] == f"127.0.0.1:{setup.health_port}"
     assert got["permittty"] == "no"
     assert got["forcecommand"] == "/usr/sbin/nologin"
     assert got["gatewayports"] == "no"
@@ -195,12 +210,14 @@ def test_effective_settings_for_the_admin_win_over_debians_defaults(setup):
 
 
 class Banner:
-    """A loopback server that writes a line to every connection (the 'database' behind the tunnel)."""
+    """A loopback server that writes a line to every connection (the 'database' behind the tunnel,
+    or, on the health port, the proxy's health endpoint)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0, line: bytes = b"hello from the database\n") -> None:
+        self.line = line
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(16)
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
@@ -215,7 +232,7 @@ class Banner:
             except OSError:
                 continue
             with conn:
-                conn.sendall(b"hello from the database\n")
+                conn.sendall(self.line)
 
     def close(self) -> None:
         self.stop.set()
@@ -274,6 +291,15 @@ def run_ssh(setup, port, *options, command: tuple[str, ...] = (), timeout_s: flo
                           timeout=timeout_s)
 
 
+def refused_local_forward(host: str, port: str, log: str) -> bool:
+    """sshd's log line for a ``-L`` its permitopen / PermitOpen lists refuse (OpenSSH channels.c,
+    ``channel_connect_to_port``: "Received request from ... to connect to host H port P, but the
+    request was denied."); with ``AllowTcpForwarding remote`` it was serverloop.c's "refused local
+    port forward"."""
+    return bool(re.search(rf"(to connect to host {re.escape(host)} port {port}, but the request was denied"
+                          rf"|refused local port forward: .* target {re.escape(host)} port {port})", log))
+
+
 def test_the_allowed_forwards_carry_traffic(running):
     setup, port, banner, _ = running
     for listen in (f"localhost:{setup.tunnel_ports[0]}", str(setup.tunnel_ports[1])):  # -R localhost:P and -R P
@@ -321,7 +347,7 @@ def test_local_forwarding_is_refused(running):
     finally:
         stop(client)
     stop(sshd)
-    assert re.search(r"refused local port forward: .* target 127\.0\.0\.1 port \d+", sshd.stderr.read())
+    assert refused_local_forward("127.0.0.1", str(banner.port), sshd.stderr.read())
 
 
 def test_a_key_used_from_outside_the_source_cidrs_is_refused(running):
@@ -329,3 +355,76 @@ def test_a_key_used_from_outside_the_source_cidrs_is_refused(running):
     setup.write_keys(["198.51.100.0/24"])  # sshd reads the file on every login
     done = run_ssh(setup, port, "-N", "-R", f"localhost:{setup.tunnel_ports[0]}:127.0.0.1:{banner.port}")
     assert done.returncode != 0 and "Permission denied" in done.stderr
+
+
+# ---------------------------------------------------------------------------------- -L to the health endpoint
+
+
+@pytest.fixture
+def health(running):
+    """The proxy's health endpoint stand-in on 127.0.0.1:<health_port> (the port in the spec)."""
+    setup, port, banner, sshd = running
+    endpoint = Banner(setup.health_port, b"HTTP/1.0 200 OK\r\n\r\n{\"healthy\": true}\n")
+    try:
+        yield setup, port, banner, sshd, endpoint
+    finally:
+        endpoint.close()
+
+
+def read_unix(path: Path, timeout_s: float = 5.0) -> bytes:
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(timeout_s)
+        conn.connect(str(path))
+        return conn.recv(100)
+
+
+def wait_path(path: Path, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and not path.exists():
+        time.sleep(0.05)
+    return path.exists()
+
+
+def test_a_local_forward_to_the_health_endpoint_is_allowed_alongside_the_tunnels(health):
+    """The on-prem units' session: every ``-R`` plus ``-L <unix socket>:127.0.0.1:<health_port>``
+    (a unix socket on the tunnel host, a TCP destination on the proxy: a ``direct-tcpip`` channel,
+    governed by ``permitopen`` and ``PermitOpen``, not by ``AllowStreamLocalForwarding``)."""
+    setup, port, banner, _, endpoint = health
+    sock = setup.workdir / "health.sock"
+    client = subprocess.Popen(ssh(setup, port, "-N", "-o", "StreamLocalBindUnlink=yes",
+                                  "-R", f"localhost:{setup.tunnel_ports[0]}:127.0.0.1:{banner.port}",
+                                  "-L", f"{sock}:127.0.0.1:{setup.health_port}"),
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_listening(setup.tunnel_ports[0], 15)
+        assert wait_path(sock, 15)
+        assert read_unix(sock).startswith(b"HTTP/1.0 200 OK")
+        assert read_line(setup.tunnel_ports[0]) == b"hello from the database\n"
+    finally:
+        stop(client)
+
+
+@pytest.mark.parametrize("destination", ["localhost:{health}", "127.0.0.1:{other}", "127.0.0.2:{health}",
+                                         "169.254.169.254:80"])
+def test_every_other_local_forward_is_refused_and_the_session_survives_it(health, destination):
+    """Only the literal ``127.0.0.1:<health_port>`` opens: ``localhost`` (no name lookup), another
+    port on the loopback (the banner: a route's backend), another loopback address and the cloud
+    metadata endpoint are refused by sshd, and the refusal closes that one connection only: the
+    session (and its ``-R``) keeps running, ``ExitOnForwardFailure`` notwithstanding (it covers
+    the local bind, not a channel the server refuses later)."""
+    setup, port, banner, sshd, _ = health
+    target = destination.format(health=setup.health_port, other=banner.port)
+    local = free_port()
+    client = subprocess.Popen(ssh(setup, port, "-N", "-R", f"localhost:{setup.tunnel_ports[0]}:127.0.0.1:{banner.port}",
+                                  "-L", f"{local}:{target}"), stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_listening(local, 15)
+        assert read_line(local) == b""  # sshd refuses the channel: the connection closes with nothing
+        time.sleep(0.5)
+        assert client.poll() is None, "a refused -L ended the session"
+        assert wait_listening(setup.tunnel_ports[0], 15)
+        assert read_line(setup.tunnel_ports[0]) == b"hello from the database\n"
+    finally:
+        stop(client)
+    stop(sshd)
+    assert refused_local_forward(*target.rsplit(":", 1), sshd.stderr.read())

@@ -494,7 +494,8 @@ def test_sshd_dropin_lines(hub, slot, ud):
     ]
     ports = " ".join(f"localhost:{r.tunnel_port}" for r in hub.tunnel_routes)
     forwarding = [ln for ln in D.sshd_tunnel_forwarding(hub).splitlines() if not ln.startswith("#")]
-    assert forwarding == ["AllowTcpForwarding remote", f"PermitListen {ports}"]
+    assert forwarding == ["AllowTcpForwarding yes", f"PermitListen {ports}",
+                          f"PermitOpen 127.0.0.1:{hub.proxies.health_port}"]
 
 
 @pytest.mark.parametrize("hub", load_spec(EXAMPLE).hubs, ids=lambda h: h.name)
@@ -505,8 +506,9 @@ def test_authorized_keys_options(hub):
     listen = ",".join(f'permitlisten="localhost:{r.tunnel_port}"' for r in hub.tunnel_routes)
     cidrs = ",".join(str(c) for c in hub.onprem.source_cidrs)
     for line, key in zip(keys, hub.onprem.tunnel_public_keys, strict=True):
-        assert line == f'restrict,port-forwarding,{listen},command="/usr/sbin/nologin",from="{cidrs}" {key}'
-        assert "permitopen" not in line  # permitopen="none" is invalid and voids the key
+        opens = f'permitopen="127.0.0.1:{hub.proxies.health_port}"'  # the health endpoint, for the status command
+        assert line == f'restrict,port-forwarding,{listen},{opens},command="/usr/sbin/nologin",from="{cidrs}" {key}'
+        assert line.count("permitopen") == 1  # permitopen="none" is invalid and voids the key
 
 
 def test_authorized_keys_without_tunnel_routes_or_keys():
@@ -516,7 +518,7 @@ def test_authorized_keys_without_tunnel_routes_or_keys():
         proxies={"admin_ssh_public_keys": [ADMIN_KEY]})).hubs[0]
     line = D.tunnel_authorized_keys(hub).splitlines()[-1]
     assert line == f'restrict,command="/usr/sbin/nologin",from="203.0.113.0/28,198.51.100.0/24" {TUNNEL_KEY}'
-    assert D.sshd_tunnel_forwarding(hub).endswith("AllowTcpForwarding no\nPermitListen none\n")
+    assert D.sshd_tunnel_forwarding(hub).endswith("AllowTcpForwarding no\nPermitListen none\nPermitOpen none\n")
     empty = load_hubs(azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"]})).hubs[0]
     assert [ln for ln in D.tunnel_authorized_keys(empty).splitlines() if not ln.startswith("#")] == []
 

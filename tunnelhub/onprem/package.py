@@ -15,6 +15,7 @@ What the package installs (``<hub>`` is the hub name, ``<pkg>`` is ``tunnelhub-<
 ``/etc/tunnelhub/<hub>/slot-N.env``                    ``TUNNELHUB_ENDPOINT=<address of slot N>``
 ``/usr/lib/sysusers.d/<pkg>.conf``                     the service user ``<pkg>``
 ``/usr/bin/<pkg>-pubkey``                              prints the tunnel key
+``/usr/bin/<pkg>-status``                              per slot: tunnel up, since, last error, route health
 ``/usr/libexec/<pkg>/quickack-route``                  the quick-ACK host route (``onprem.tcp_quickack``)
 ``/var/lib/<pkg>/id_ed25519``                          the tunnel key, made by postinst (not shipped)
 =====================================================  ============================================
@@ -25,6 +26,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -44,7 +46,7 @@ import jinja2
 from tunnelhub import __version__ as TOOL_VERSION
 from tunnelhub.onprem.outputs import HostKey, OnpremError, StackOutputs, check_endpoint, parse_host_key
 from tunnelhub.onprem.timing import DEFAULT_TIMING, TunnelTiming
-from tunnelhub.spec import SSH_PORT, Hub, Proxies
+from tunnelhub.spec import DEFAULT_HEALTH_PORT, SSH_PORT, Hub, Proxies
 
 PACKAGE_PREFIX = "tunnelhub-"
 MAINTAINER = "tunnelhub <tunnelhub@example.invalid>"
@@ -55,6 +57,12 @@ UNIT_DIR = "/lib/systemd/system"  # Debian 12 (and Ubuntu, where /lib is /usr/li
 MAX_SLOTS = next(m.le for m in Proxies.model_fields["count"].metadata if hasattr(m, "le"))
 QUICKACK_SCRIPT = resources.files("tunnelhub.onprem") / "files" / "tunnelhub_quickack.py"
 """Installed as ``/usr/libexec/<pkg>/quickack-route`` (stdlib Python, run as root by the unit)."""
+STATUS_SCRIPT = resources.files("tunnelhub.onprem") / "files" / "tunnelhub_status.py"
+"""Installed as ``/usr/bin/<pkg>-status`` with the hub's settings in its ``CONFIG`` line."""
+STATUS_CONFIG_LINE = "CONFIG: Optional[dict] = None  # tunnelhub onprem: the package build writes this hub's settings here\n"
+HEALTH_SOCKET = "health.sock"
+"""In each unit's runtime directory: the local end of ``-L <socket>:127.0.0.1:<health_port>``."""
+UNIX_PATH_MAX = 108  # sun_path of struct sockaddr_un on Linux, with its terminating NUL
 
 
 _TEMPLATES = jinja2.Environment(
@@ -118,6 +126,8 @@ class PackagePlan:
     timing: TunnelTiming = DEFAULT_TIMING
     tcp_quickack: bool = True
     """Each unit adds a ``quickack 1`` host route to its proxy while it runs (``onprem.tcp_quickack``)."""
+    health_port: int = DEFAULT_HEALTH_PORT
+    """The proxies' health endpoint (``proxies.health_port``), reached through each slot's session."""
     warnings: tuple[str, ...] = ()
 
     @property
@@ -188,15 +198,50 @@ class PackagePlan:
         return f"{self.package}-pubkey"
 
     @property
+    def status_command(self) -> str:
+        return f"{self.package}-status"
+
+    @property
+    def slot_runtime_directory(self) -> str:
+        """``RuntimeDirectory=`` of a slot's unit (under /run; ``%i`` is the slot): systemd creates it
+        owned by the service user when the unit starts and removes it when it stops."""
+        return f"{self.package}/slot-%i"
+
+    def health_socket(self, slot: int) -> str:
+        return f"/run/{self.slot_runtime_directory.replace('%i', str(slot))}/{HEALTH_SOCKET}"
+
+    @property
+    def health_forward(self) -> str:
+        """The ``-L`` argument: this slot's socket to the proxy's health endpoint on its loopback;
+        the proxies' sshd permits exactly ``permitopen="127.0.0.1:<health_port>"``."""
+        return "${RUNTIME_DIRECTORY}/" + f"{HEALTH_SOCKET}:127.0.0.1:{self.health_port}"
+
+    def status_config(self) -> dict:
+        """What the status command knows about this hub (embedded in it at build time)."""
+        return {
+            "hub": self.hub, "package": self.package, "etc_dir": self.etc_dir, "health_port": self.health_port,
+            "slots": [{"slot": slot, "endpoint": endpoint, "unit": self.instances[slot],
+                       "socket": self.health_socket(slot)} for slot, endpoint in enumerate(self.endpoints)],
+            "routes": [{"route": f.route, "tunnel_port": f.tunnel_port, "target": f.target} for f in self.forwards],
+        }
+
+    @property
     def doc_dir(self) -> str:
         return f"/usr/share/doc/{self.package}"
 
     def exec_start_lines(self) -> list[str]:
         """The unit's ExecStart, one line per option group: autossh without its monitor port,
-        the ssh options file, every tunnel as ``-R``, then the slot's address."""
+        the ssh options file, every tunnel as ``-R``, the health endpoint as ``-L`` (the status
+        command's view of the proxy), then the slot's address. ``${RUNTIME_DIRECTORY}`` is set by
+        systemd (``RuntimeDirectory=``) before it expands the command line: systemd
+        src/core/execute.c, ``build_environment()`` adds ``RUNTIME_DIRECTORY=<prefix>/<path>``
+        (``exec_directory_env_name_to_string``) to the environment that ``exec_child()`` passes
+        to ``replace_env_argv(command->argv, accum_env)``; ``$SERVICE_RESULT`` & co. for the
+        ExecStopPost lines come in ``params->environment``, merged into the same block."""
         return [
             f"{AUTOSSH} -M 0 -N -F {self.ssh_config}",
             *(f"-R {fwd.remote_forward}" for fwd in self.forwards),
+            f"-L {self.health_forward}",
             "${" + ENDPOINT_VAR + "}",
         ]
 
@@ -273,6 +318,9 @@ def plan_package(
 
     for slot, endpoint in enumerate(endpoints):
         check_endpoint(endpoint, f"slot {slot}")
+    longest = f"/run/{PACKAGE_PREFIX}{hub.name}/slot-{MAX_SLOTS - 1}/{HEALTH_SOCKET}"
+    if len(longest.encode()) >= UNIX_PATH_MAX:  # unreachable with the spec's name limits; a guard
+        raise OnpremError(f"hub {hub.name!r}: the health socket path {longest} is too long for a unix socket")
     return PackagePlan(
         hub=hub.name,
         cloud=hub.cloud,
@@ -285,6 +333,7 @@ def plan_package(
         host_key_source=host_key_source,
         timing=timing,
         tcp_quickack=hub.onprem.tcp_quickack,
+        health_port=hub.proxies.health_port,
         warnings=tuple(warnings),
     )
 
@@ -337,6 +386,8 @@ def render_package(plan: PackagePlan, version: str, source_date_epoch: int) -> R
         PackageFile(ctx["sysusers_conf"], _render("sysusers.conf.j2", ctx)),
         PackageFile(f"/usr/bin/{plan.pubkey_command}", _render("pubkey.sh.j2", ctx), 0o755),
         PackageFile(f"/usr/share/man/man1/{plan.pubkey_command}.1.gz", _gzip(_render("pubkey.1.j2", ctx))),
+        PackageFile(f"/usr/bin/{plan.status_command}", _status_script(plan), 0o755),
+        PackageFile(f"/usr/share/man/man1/{plan.status_command}.1.gz", _gzip(_render("status.1.j2", ctx))),
         PackageFile(f"{plan.doc_dir}/README", _render("README.j2", ctx)),
         PackageFile(f"{plan.doc_dir}/copyright", _render("copyright.j2", ctx)),
         PackageFile(f"{plan.doc_dir}/changelog.Debian.gz", _gzip(_render("changelog.j2", ctx))),
@@ -399,6 +450,10 @@ def _context(plan: PackagePlan, version: str, when: datetime) -> dict:
         "stale_instances": plan.stale_instances,
         "exec_start": plan.exec_start_lines(),
         "pubkey_command": plan.pubkey_command,
+        "status_command": plan.status_command,
+        "health_port": plan.health_port,
+        "slot_runtime_directory": plan.slot_runtime_directory,
+        "health_socket_pattern": plan.health_socket(0).replace("slot-0", "slot-N"),
         "doc_dir": plan.doc_dir,
         "tcp_quickack": plan.tcp_quickack,
         "quickack_helper": plan.quickack_helper,
@@ -444,6 +499,16 @@ def _changelog_items(plan: PackagePlan) -> list[list[str]]:
     return [textwrap.wrap(item, 76, break_on_hyphens=False, break_long_words=False) for item in items]
 
 
+def _status_script(plan: PackagePlan) -> bytes:
+    """The status command with this hub's settings in place of its ``CONFIG = None`` line."""
+    text = STATUS_SCRIPT.read_text(encoding="utf-8")
+    if text.count(STATUS_CONFIG_LINE) != 1:
+        raise RuntimeError(f"{STATUS_SCRIPT.name}: no single CONFIG line to fill in")
+    config = json.dumps(plan.status_config(), indent=4, sort_keys=True, ensure_ascii=True)
+    return text.replace(STATUS_CONFIG_LINE, f"CONFIG: Optional[dict] = json.loads(r\"\"\"\n{config}\n\"\"\")  "
+                                            "# this hub's settings, written by the package build\n").encode()
+
+
 def _render(name: str, ctx: dict) -> bytes:
     try:
         return _TEMPLATES.get_template(name).render(ctx).encode()
@@ -472,7 +537,8 @@ def content_digest(plan: PackagePlan) -> str:
     rendered = render_package(plan, "0", 0)
     h = hashlib.sha256()
     for f in rendered.files + rendered.control:
-        if f.path in ("control", f"{plan.doc_dir}/changelog.Debian.gz", f"/usr/share/man/man1/{plan.pubkey_command}.1.gz"):
+        if f.path in ("control", f"{plan.doc_dir}/changelog.Debian.gz", f"/usr/share/man/man1/{plan.pubkey_command}.1.gz",
+                      f"/usr/share/man/man1/{plan.status_command}.1.gz"):
             continue  # these carry the version or the date
         h.update(f"{f.path}\0{f.mode:o}\0{len(f.data)}\0".encode() + f.data)
     return h.hexdigest()

@@ -138,8 +138,17 @@ def permit_listen(hub: Hub) -> list[str]:
     return [f"localhost:{r.tunnel_port}" for r in hub.tunnel_routes]
 
 
+def permit_open(hub: Hub) -> str:
+    """The one ``-L`` destination the tunnel hosts may open: the proxy's health endpoint on its
+    loopback (``127.0.0.1:<health_port>``), read by ``tunnelhub-<hub>-status`` through the tunnel.
+    sshd matches it literally, without name lookup (sshd(8), AUTHORIZED_KEYS FILE FORMAT,
+    ``permitopen``; sshd_config(5), ``PermitOpen``): ``-L ...:localhost:<health_port>`` is refused."""
+    return f"127.0.0.1:{hub.proxies.health_port}"
+
+
 def sshd_tunnel_forwarding(hub: Hub) -> str:
-    return environment().get_template("sshd-tunnel-forwarding.conf.j2").render(permit_listen=permit_listen(hub))
+    return environment().get_template("sshd-tunnel-forwarding.conf.j2").render(
+        permit_listen=permit_listen(hub), permit_open=permit_open(hub))
 
 
 def authorized_keys_options(hub: Hub) -> str:
@@ -149,6 +158,7 @@ def authorized_keys_options(hub: Hub) -> str:
     if listen:
         options.append("port-forwarding")
         options += [f'permitlisten="{p}"' for p in listen]
+        options.append(f'permitopen="{permit_open(hub)}"')
     options.append(f'command="{L.NOLOGIN}"')
     options.append('from="' + ",".join(str(c) for c in hub.onprem.source_cidrs) + '"')
     return ",".join(options)

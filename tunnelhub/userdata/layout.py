@@ -41,7 +41,7 @@ HEALTH_CONFIG_PATH = f"{CONF_DIR}/health.json"
 TUNNEL_AUTHORIZED_KEYS_DIR = "/etc/ssh/authorized_keys.d"
 """The tunnel user's keys: ``<dir>/<tunnel_user>``, root-owned (the user cannot change them)."""
 SSHD_TUNNEL_FORWARDING_PATH = "/etc/ssh/tunnelhub/tunnel-forwarding.conf"
-"""``AllowTcpForwarding`` and ``PermitListen`` of the tunnel user, included inside the static
+"""``AllowTcpForwarding``, ``PermitListen`` and ``PermitOpen`` of the tunnel user, included inside the static
 drop-in's ``Match User`` block (so outside ``sshd_config.d``: sshd would read it globally there)."""
 
 # -- reconciler state -------------------------------------------------------------------------------

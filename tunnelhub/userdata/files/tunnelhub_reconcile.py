@@ -16,8 +16,8 @@ applies what differs from what runs:
 1. **Verify** (nothing touched yet): JSON, ``schema`` known, ``hub`` this hub, ``checksum`` the
    SHA-256 of the payload's canonical JSON and ``version`` its first 12 hex digits, every part of
    the payload well-formed (the health routes with the health daemon's own parser, every
-   authorized_keys line parsed, the fingerprints equal to the key summary, the sshd rules to
-   the tunnel routes, HAProxy's routes file with ``haproxy -c`` on a candidate copy). A document
+   authorized_keys line parsed and opening nothing but 127.0.0.1:<health_port>, the fingerprints
+   equal to the key summary, the sshd rules to the tunnel routes and the health port, HAProxy's routes file with ``haproxy -c`` on a candidate copy). A document
    that fails is REFUSED: one log line, the status file says why, the running configuration stays.
 2. **Gate** (docs/live-config.md, "Rollout safety"): a document that changes a route which is
    healthy here waits until the canary (the lowest-numbered peer slot whose health endpoint
@@ -461,8 +461,8 @@ def check_payload(payload: dict[str, Any], settings: Settings) -> None:
         raise Refused(f"payload.health.port {health.port} is not the health port {settings.health_port}")
     if [r.name for r in health.routes] != list(routes):
         raise Refused(f"the health routes {[r.name for r in health.routes]} are not the routes {list(routes)}")
-    check_tunnel_keys(payload)
-    check_forwarding(payload["sshd_tunnel_forwarding"], routes)
+    check_tunnel_keys(payload, settings.health_port)
+    check_forwarding(payload["sshd_tunnel_forwarding"], routes, settings.health_port)
     check_peers(payload["peers"])
     if not isinstance(payload["port_plan"], list):
         raise Refused("payload.port_plan is not a list")
@@ -489,7 +489,7 @@ def parse_key_line(line: str) -> tuple[str, str, bytes]:
     raise Refused(f"authorized_keys: no key in line {line[:60]!r}...")
 
 
-def check_tunnel_keys(payload: dict[str, Any]) -> None:
+def check_tunnel_keys(payload: dict[str, Any], health_port: int) -> None:
     keys = payload["tunnel_keys"]
     if not isinstance(keys, list) or not all(isinstance(k, dict) and isinstance(k.get("fingerprint"), str)
                                              for k in keys):
@@ -501,17 +501,24 @@ def check_tunnel_keys(payload: dict[str, Any]) -> None:
         options, _, blob = parse_key_line(line)
         if not options.startswith("restrict,") or 'command="/usr/sbin/nologin"' not in options:
             raise Refused("authorized_keys: every tunnel key must start with restrict and force /usr/sbin/nologin")
+        opens = re.findall(r'permitopen="([^"]*)"', options)
+        if opens not in ([], [f"127.0.0.1:{health_port}"]):
+            raise Refused(f"authorized_keys: a tunnel key may open only 127.0.0.1:{health_port} (the health "
+                          f"endpoint), not {opens}")
         found.append(fingerprint(blob))
     listed = [k["fingerprint"] for k in keys]
     if found != listed:
         raise Refused(f"authorized_keys holds keys {found}, the key summary lists {listed}")
 
 
-def check_forwarding(text: str, routes: dict[str, dict]) -> None:
+def check_forwarding(text: str, routes: dict[str, dict], health_port: int) -> None:
+    """-R to the tunnel routes' ports only; -L (with tunnel routes) to this proxy's health endpoint
+    on 127.0.0.1 only, which the tunnel hosts' status command reads through the tunnel."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     ports = [r["tunnel_port"] for r in routes.values() if r["kind"] == "tunnel" and isinstance(r.get("tunnel_port"), int)]
     want_listen = " ".join(f"localhost:{p}" for p in ports) if ports else "none"
-    want = [f"AllowTcpForwarding {'remote' if ports else 'no'}", f"PermitListen {want_listen}"]
+    want = [f"AllowTcpForwarding {'yes' if ports else 'no'}", f"PermitListen {want_listen}",
+            f"PermitOpen {f'127.0.0.1:{health_port}' if ports else 'none'}"]
     if lines != want:
         raise Refused(f"sshd_tunnel_forwarding is {lines}, the tunnel routes need {want}")
 
