@@ -285,7 +285,8 @@ class GeneratedHub:
         plan = self.deb.plan
         unit = self.onprem.file(self.unit_vm_path)
         command = load_unit(unit.host_path, instance=slot, path_map=self.unit_path_map())
-        env = {**unit_environment(unit.text),
+        runtime_vm = "/run/" + plan.slot_runtime_directory.replace("%i", slot)
+        env = {**unit_environment(unit.text), "RUNTIME_DIRECTORY": runtime_vm,
                **read_env_file(self.onprem.file(f"{plan.etc_dir}/slot-{slot}.env").text)}
         pairs = [(expand(exec_start_words(unit.text), env), command.argv)]
         for key, lines in (("ExecStartPre", command.start_pre), ("ExecStopPost", command.stop_post)):
@@ -296,7 +297,9 @@ class GeneratedHub:
         allowed = {plan.ssh_config, plan.quickack_helper, f"{plan.runtime_dir}/quickack-{slot}.json"}
         for words, argv in pairs:
             changed = [(a, b) for a, b in zip(words, argv, strict=True) if a != b]
-            if len(words) != len(argv) or any(a not in allowed for a, _ in changed):
+            # the health forward's socket lives in the slot's RuntimeDirectory (/run/... mapped)
+            if len(words) != len(argv) or any(a not in allowed and not a.startswith(runtime_vm + "/")
+                                              for a, _ in changed):
                 raise LabError(f"the lab's command differs from the unit beyond its paths: {words} vs {argv}")
             self.rewrites += [f"unit: {a} -> {b}" for a, b in changed
                               if f"unit: {a} -> {b}" not in self.rewrites]

@@ -18,19 +18,25 @@ PID); ``kill()`` is ``systemctl kill`` (the restart policy then applies).
 and the restart policy applies), ``ExecStopPost=`` commands after each exit (before a restart,
 and on ``stop()``), as systemd orders them; their output goes to the service's log.
 
+``RuntimeDirectory=`` (with ``RuntimeDirectoryMode=``) is made before each start and removed
+after each exit's ``ExecStopPost=`` (systemd's default ``RuntimeDirectoryPreserve=no``), and
+``$RUNTIME_DIRECTORY`` names it (its ``/run/`` path mapped like every argument).
+
 ``main_pid_file`` (optional) receives the main PID at every start, what systemd keeps as
 ``$MAINPID``: a lab stand-in for ``ExecReload=/bin/kill -HUP $MAINPID`` signals it.
 
 Not mimicked (stated so a reader knows): ``User=``/``Group=`` (the lab runs every command as
 root, so a ``+`` prefix changes nothing), sandboxing directives, ``Type=`` other than
-simple/exec, ``ExecStartPost=``/``ExecStop=``/``ExecReload=``, and ``${VAR:-default}`` forms
-(a clear error if used).
+simple/exec, ``ExecStartPost=``/``ExecStop=``/``ExecReload=``, ``${VAR:-default}`` forms
+(a clear error if used), and ``$SERVICE_RESULT``/``$EXIT_CODE``/``$EXIT_STATUS`` in
+``ExecStopPost=`` (empty here).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -312,6 +318,8 @@ class UnitCommand:
     user: str | None = None
     kill_signal: int = signal.SIGTERM
     directives: dict[str, list[str]] = field(default_factory=dict)
+    runtime_directories: tuple[Path, ...] = ()
+    runtime_directory_mode: int = 0o755
 
 
 def load_unit(
@@ -372,6 +380,11 @@ def load_unit(
             raise LabError(f"{unit_name}: EnvironmentFile={vm_path} not found (looked at "
                            f"{host_path}); supply it or map its path")
         env.update(parse_env_file(host_path.read_text(), source=vm_path))
+
+    runtime_vm = [f"/run/{name}" for value in directives.get("RuntimeDirectory", []) if value
+                  for name in spec(value).split()]
+    if runtime_vm:
+        env["RUNTIME_DIRECTORY"] = ":".join(runtime_vm)  # systemd: the list, colon-separated
 
     exec_lines = [v for v in directives.get("ExecStart", [])]
     if "" in exec_lines:
@@ -440,6 +453,8 @@ def load_unit(
         kill_signal=int(getattr(signal, kill_signal_name if kill_signal_name.startswith("SIG")
                                 else "SIG" + kill_signal_name)),
         directives=directives,
+        runtime_directories=tuple(Path(rewrite_paths(p, mapping)) for p in runtime_vm),
+        runtime_directory_mode=int(last("RuntimeDirectoryMode", "0755"), 8),
     )
 
 
@@ -587,6 +602,9 @@ class ServiceRunner:
                     self.state = "failed (start-limit-hit)"
                     return
             start_times.append(now)
+            for directory in cmd.runtime_directories:
+                directory.mkdir(parents=True, exist_ok=True)
+                directory.chmod(cmd.runtime_directory_mode)
             pre_failed = self._run_hooks("ExecStartPre", cmd.start_pre)
             if pre_failed is not None:
                 returncode = pre_failed
@@ -621,6 +639,8 @@ class ServiceRunner:
                     except ProcessLookupError:
                         pass
             self._run_hooks("ExecStopPost", cmd.stop_post)
+            for directory in cmd.runtime_directories:
+                shutil.rmtree(directory, ignore_errors=True)
             if self._stopping.is_set():
                 break
             if not self._should_restart(returncode):
