@@ -418,6 +418,76 @@ def test_b04_scenario2_tunnel_killed(hub: BootHub) -> None:
     assert outside == [], summarize(outside)
 
 
+ROUTE_CHECK_INTERVAL_S = 2.0  # the route check's interval at the spec default (spec.Probe.interval_s)
+
+
+def route_up(hub: BootHub, proxy: str) -> float | None:
+    """``tunnelhub_route_up`` of the proxy's route, read back with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(hub.metrics(proxy)):
+        for sample in family.samples:
+            if sample.name == "tunnelhub_route_up" and sample.labels.get("route") == hub.route_of(proxy):
+                return sample.value
+    return None
+
+
+def tunnel_status(hub: BootHub) -> tuple[int, dict]:
+    """``tunnelhub-<hub>-status --json`` on the booted tunnel host: exit code and its JSON."""
+    command = hub.debs[AZURE_HUB].plan.status_command
+    done = hub.machine("onprem").run([command, "--json", "--timeout", "2"], check=False, timeout=60)
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_b04b_monitoring_sees_a_stopped_tunnel_on_both_sides(hub: BootHub) -> None:
+    """Issue 16 on real machines: stop slot 0's tunnel unit on the tunnel host. proxy1's
+    ``GET /metrics`` shows ``tunnelhub_route_up`` 0 within one route-check interval of the
+    listener going away (the check reads the cached state; a scrape never runs one), with the
+    reason class ``no_tunnel``; the tunnel host's installed ``tunnelhub-nslab-status`` says slot 0
+    is down and the route degraded (proxy2 still carries it), exit code 1; after ``systemctl
+    start`` both flip back (exit 0). The status command reads the proxy's health through the
+    tunnel's own local forward, as the package installs it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    lab, host = hub.lab, hub.machine("onprem")
+    unit = hub.tunnel_units(AZURE_HUB)[0]
+    wait_until(lambda: route_up(hub, "proxy1") == 1.0, timeout_s=30, interval_s=0.2, what="proxy1's route up")
+    code, before = tunnel_status(hub)
+    assert code == 0 and before["state"] == "ok", before
+    try:
+        host.run(["systemctl", "stop", unit])
+        lab.wait_tunnel_listener("proxy1", present=False, timeout_s=10)
+        gone_at = time.monotonic()
+        wait_until(lambda: route_up(hub, "proxy1") == 0.0, timeout_s=30, interval_s=0.1,
+                   what="tunnelhub_route_up 0 on proxy1")
+        flip_s = time.monotonic() - gone_at
+        reasons = {s.labels.get("reason"): s.value for f in text_string_to_metric_families(hub.metrics("proxy1"))
+                   for s in f.samples if s.name == "tunnelhub_route_last_failure_reason"}
+        down_code, down = tunnel_status(hub)
+    finally:
+        host.run(["systemctl", "start", unit])
+    lab.wait_tunnel_listener("proxy1", timeout_s=RECOVERY_BOUND_S)
+    back_at = time.monotonic()
+    wait_until(lambda: route_up(hub, "proxy1") == 1.0, timeout_s=30, interval_s=0.1, what="proxy1's route up again")
+    back_s = time.monotonic() - back_at
+    code_after, after = wait_until(lambda: (lambda r: r if r[0] == 0 else None)(tunnel_status(hub)),
+                                   timeout_s=30, interval_s=0.5, what="the tunnel host's status back to ok")
+    record("4b monitoring (booted)", "tunnel stopped -> proxy1 tunnelhub_route_up 0", flip_s,
+           bound=f"<= {ROUTE_CHECK_INTERVAL_S + 1:.0f} s", reference="one route-check interval (2 s)")
+    record("4b monitoring (booted)", "tunnel host status while slot 0 is down",
+           f"exit {down_code}, {down['state']}", unit="", bound="exit != 0")
+    record("4b monitoring (booted)", "tunnel started -> tunnelhub_route_up 1", back_s)
+    assert flip_s <= ROUTE_CHECK_INTERVAL_S + 1.0
+    assert reasons.get("no_tunnel") == 1.0, reasons
+    assert down_code == 1 and down["state"] == "degraded", down
+    (route,) = [r for r in down["routes"] if r["route"] == hub.route_of("proxy1")]
+    assert route["state"] == "degraded", route
+    slot0 = next(s for s in down["slots"] if s["slot"] == 0)
+    assert slot0["tunnel"] != "up" and slot0["active_state"] == "inactive", slot0
+    assert all(r["state"] == "unreachable" for r in slot0["routes"]), slot0
+    assert code_after == 0 and after["state"] == "ok", after
+
+
 def test_b05_scenario3_plain_tcp_probe_never_notices(hub: BootHub) -> None:
     """Scenario 3 on the booted machines: a second LB probing the route port with a plain TCP
     connect keeps proxy1 UP with its tunnel unit stopped and ~half its queries fail (asserted

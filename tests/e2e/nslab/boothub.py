@@ -573,6 +573,23 @@ class BootHub:
         finally:
             conn.close()
 
+    def metrics(self, proxy: str) -> str:
+        """The proxy's ``GET /metrics`` (Prometheus text format), asked from the LB's namespace."""
+        import http.client
+
+        with in_netns(self.lab.topology.ns("lb")):
+            conn = http.client.HTTPConnection(self.lab.topology.ip(proxy, "lb"), HEALTH_PORT, timeout=3)
+            conn.connect()
+        try:
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            body = response.read().decode()
+            if response.status != 200:
+                raise AssertionError(f"{proxy}: GET /metrics answered {response.status}: {body[:200]}")
+            return body
+        finally:
+            conn.close()
+
     def route_of(self, proxy: str) -> str:
         return AWS_ROUTE if proxy == AWS_PROXY else AZURE_ROUTE
 
