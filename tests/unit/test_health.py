@@ -334,6 +334,23 @@ def test_route_path_answers_200_with_the_json_body(daemon_for):
     assert 0 <= body["age_s"] < 2 and body["latency_ms"] >= 0 and body["warning"] is None
 
 
+def test_since_s_is_the_time_in_the_current_state_and_restarts_at_a_flip():
+    """``since_s`` (``GET /`` and ``/routes/<name>``: how long the route has been up, or down;
+    ``tunnelhub status`` shows it): from the end of the first check of the current state."""
+    checker = health.RouteChecker(config(route("banner", 1, name="orders")).routes[0], threading.Event())
+    ok = health.CheckResult(healthy=True, reason="banner received", latency_s=0.001, finished_at=100.0)
+    ok_later = health.CheckResult(healthy=True, reason="banner received", latency_s=0.001, finished_at=102.0)
+    down = health.CheckResult(healthy=False, reason="connection refused", latency_s=0.001, finished_at=104.0,
+                              failure="connect_refused")
+    for previous, result in ((None, ok), (ok, ok_later)):
+        checker._count(previous, result)
+        checker.result = result
+    assert checker.status(103.0)["since_s"] == 3.0  # up since the first check at 100
+    checker._count(ok_later, down)
+    checker.result = down
+    assert checker.status(105.0)["since_s"] == 1.0  # down since 104
+
+
 def test_route_path_answers_503_with_the_reason(daemon_for):
     port = free_port()
     _, client = daemon_for(route("mysql", port))

@@ -945,6 +945,7 @@ class RouteChecker(threading.Thread):
         self.consecutive_failures = 0
         self.state_changes = 0  # up<->down flips between two consecutive check results
         self.last_failure = "none"  # FAILURE_REASONS of the latest failed check
+        self.state_since: float | None = None  # monotonic end of the first check of the current state
         self.heartbeat = time.monotonic()  # start of the current round
         self._stop_event = stop
         self._check = check
@@ -976,6 +977,8 @@ class RouteChecker(threading.Thread):
             self.last_failure = result.failure if result.failure in FAILURE_REASONS else "other"
         if previous is not None and previous.healthy != result.healthy:
             self.state_changes += 1
+        if previous is None or previous.healthy != result.healthy:
+            self.state_since = result.finished_at
 
     def status(self, now: float) -> dict[str, Any]:
         """What the load balancer gets for this route, computed from the cache only."""
@@ -988,8 +991,9 @@ class RouteChecker(threading.Thread):
             body["reason"] = "starting: no check has finished yet"
             return body
         age = now - result.finished_at
+        since = self.state_since
         body.update(age_s=round(age, 3), latency_ms=round(result.latency_s * 1000, 2),
-                    warning=result.warning)
+                    warning=result.warning, since_s=None if since is None else round(now - since, 1))
         if age > probe.stale_after_s:
             body["reason"] = (f"stale: last check finished {age:.1f} s ago (limit "
                               f"{probe.stale_after_s:.1f} s), checker stuck? last result: {result.reason}")
