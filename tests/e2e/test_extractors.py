@@ -216,12 +216,19 @@ def test_the_packages_template_unit_expands_for_a_slot(tmp_path, hub):
         "/run/": "/lab/run/",
     })
     assert command.unit_name == "tunnelhub-nslab@1.service"
+    # the health forward's socket is in the slot's RuntimeDirectory, $RUNTIME_DIRECTORY mapped like /run
     assert command.argv == ["/usr/bin/autossh", "-M", "0", "-N", "-F", "/lab/etc/ssh_config",
-                            "-R", "localhost:13306:192.168.20.15:3306", "10.60.0.6"]
-    assert [(line.prefixes, line.argv) for line in command.start_pre + command.stop_post] == [
-        ("-+", ["/lab/quickack-route", "add", "/lab/run/tunnelhub-nslab/quickack-1.json", "10.60.0.6"]),
-        ("-+", ["/lab/quickack-route", "remove", "/lab/run/tunnelhub-nslab/quickack-1.json", "10.60.0.6"]),
-    ]
+                            "-R", "localhost:13306:192.168.20.15:3306",
+                            "-L", "/lab/run/tunnelhub-nslab/slot-1/health.sock:127.0.0.1:8081", "10.60.0.6"]
+    assert command.runtime_directories == (Path("/lab/run/tunnelhub-nslab/slot-1"),)
+    assert command.runtime_directory_mode == 0o750
+    hooks = [(line.prefixes, line.argv) for line in command.start_pre + command.stop_post]
+    assert hooks[0] == ("-+", ["/lab/quickack-route", "add", "/lab/run/tunnelhub-nslab/quickack-1.json",
+                               "10.60.0.6"])
+    assert ("-+", ["/lab/quickack-route", "remove", "/lab/run/tunnelhub-nslab/quickack-1.json",
+                   "10.60.0.6"]) in hooks
+    journal = [argv for prefixes, argv in hooks if argv[0] == "/bin/echo"]  # one line per route, start and stop
+    assert [a[1].split(" event=")[0] for a in journal] == ["tunnelhub-nslab slot=1 route=labdb"] * 2
     assert (command.env["AUTOSSH_GATETIME"], command.env["AUTOSSH_POLL"]) == ("0", "10")
     assert command.env["PATH"].startswith("/usr/local/sbin")
     assert (command.restart, command.restart_s, command.start_limit_interval_s) == ("always", 2.0, 0.0)
