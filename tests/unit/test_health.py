@@ -32,7 +32,7 @@ SCRIPT = FILES / "tunnelhub_health.py"
 sys.path[:0] = [str(FILES), str(HERE)]
 
 import tunnelhub_health as health  # noqa: E402
-from test_health_fakes import FakeServer, free_port, make_certificate  # noqa: E402
+from test_health_fakes import FakeServer, free_port, make_certificate, route, wait_until  # noqa: E402
 
 TIMEOUT_S = 0.5  # check timeout used by the hang tests
 
@@ -42,12 +42,6 @@ def certificate(tmp_path_factory):
     return make_certificate(tmp_path_factory.mktemp("tls"))
 
 
-def route(mode: str, port: int, *, kind: str = "tunnel", host: str = "127.0.0.1", name: str = "r1",
-          interval_s: float = 0.2, timeout_s: float = TIMEOUT_S, **probe) -> dict:
-    return {"name": name, "kind": kind, "host": host, "port": port,
-            "probe": {"mode": mode, "interval_s": interval_s, "timeout_s": timeout_s, **probe}}
-
-
 def config(*routes: dict) -> health.Config:
     parsed = health.parse_config({"listen_address": "127.0.0.1", "port": 8080, "routes": list(routes)})
     return dataclasses.replace(parsed, port=0)  # an ephemeral port for the in-process daemon
@@ -55,16 +49,6 @@ def config(*routes: dict) -> health.Config:
 
 def check(mode: str, port: int, **kwargs) -> health.CheckResult:
     return health.run_check(config(route(mode, port, **kwargs)).routes[0])
-
-
-def wait_until(predicate, timeout_s: float = 5.0, what: str = "condition"):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 class Http:

@@ -13,6 +13,7 @@ import ssl
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Self
 
@@ -28,6 +29,23 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
         check=True, capture_output=True, timeout=30,
     )
     return cert, key
+
+
+def route(mode: str, port: int, *, kind: str = "tunnel", host: str = "127.0.0.1", name: str = "r1",
+          interval_s: float = 0.2, timeout_s: float = 0.5, **probe) -> dict:
+    """One route of a health daemon configuration, as the tests write it."""
+    return {"name": name, "kind": kind, "host": host, "port": port,
+            "probe": {"mode": mode, "interval_s": interval_s, "timeout_s": timeout_s, **probe}}
+
+
+def wait_until(predicate, timeout_s: float = 5.0, what: str = "condition"):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def free_port() -> int:

@@ -30,7 +30,7 @@ FILES = HERE.parents[1] / "tunnelhub" / "userdata" / "files"
 sys.path[:0] = [str(FILES), str(HERE)]
 
 import tunnelhub_health as health  # noqa: E402
-from test_health_fakes import FakeServer, free_port  # noqa: E402
+from test_health_fakes import FakeServer, free_port, route, wait_until  # noqa: E402
 
 from tunnelhub.userdata import layout as L  # noqa: E402
 
@@ -97,26 +97,10 @@ haproxy_backend_agg_check_status{proxy="r1",state="L4OK"} 0
 """
 
 
-def route(mode: str, port: int, *, kind: str = "tunnel", host: str = "127.0.0.1", name: str = "r1",
-          interval_s: float = 0.2, timeout_s: float = 0.5, **probe) -> dict:
-    return {"name": name, "kind": kind, "host": host, "port": port,
-            "probe": {"mode": mode, "interval_s": interval_s, "timeout_s": timeout_s, **probe}}
-
-
 def config(*routes: dict, version: str = "v7") -> health.Config:
     parsed = health.parse_config({"listen_address": "127.0.0.1", "port": 8080, "routes": list(routes),
                                   "config_version": version})
     return dataclasses.replace(parsed, port=0)
-
-
-def wait_until(predicate, timeout_s: float = 5.0, what: str = "condition"):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def get(port: int, path: str) -> tuple[int, str, str]:

@@ -709,6 +709,13 @@ class AzureHub(Construct):
                 description=f"{name} reads the hub SSH host key at boot.",
             )
 
+    def _in_stack_subscription(self, subscription_id: str, error_message: str) -> TerraformResourceLifecycle:
+        """A remote VNet's half of a peering: the provider creates a peering in the stack's own
+        subscription (virtual_network_peering_resource.go@v4.55.0), so refuse to plan it when the
+        remote VNet is elsewhere."""
+        return TerraformResourceLifecycle(precondition=[Precondition(
+            condition=Op.eq(Fn.lower(self._client.subscription_id), subscription_id), error_message=error_message)])
+
     # -- on-prem path -----------------------------------------------------------------------
 
     def _onprem_path(self, path: S.OnPremPath) -> None:
@@ -745,18 +752,11 @@ class AzureHub(Construct):
                 allow_forwarded_traffic=False,  # the proxies forward nothing into the hub VNet
                 allow_gateway_transit=transit,
                 use_remote_gateways=False,
-                # The provider creates it in the stack's subscription: refuse to plan a wrong one.
-                lifecycle=TerraformResourceLifecycle(
-                    precondition=[
-                        Precondition(
-                            condition=Op.eq(Fn.lower(self._client.subscription_id), remote.subscription_id),
-                            error_message=(
-                                f"The on-prem hub VNet is in subscription {remote.subscription_id}, not the one "
-                                "this stack deploys to: set network.onprem_path.remote_peering_enabled: false "
-                                "and create that VNet's peering (allow_gateway_transit) there."
-                            ),
-                        )
-                    ]
+                lifecycle=self._in_stack_subscription(
+                    remote.subscription_id,
+                    f"The on-prem hub VNet is in subscription {remote.subscription_id}, not the one "
+                    "this stack deploys to: set network.onprem_path.remote_peering_enabled: false "
+                    "and create that VNet's peering (allow_gateway_transit) there.",
                 ),
             ))
         VirtualNetworkPeering(
@@ -807,18 +807,11 @@ class AzureHub(Construct):
             allow_forwarded_traffic=False,
             allow_gateway_transit=False,
             use_remote_gateways=False,
-            # The provider creates it in the stack's subscription: refuse to plan a wrong one.
-            lifecycle=TerraformResourceLifecycle(
-                precondition=[
-                    Precondition(
-                        condition=Op.eq(Fn.lower(self._client.subscription_id), workspace.subscription_id),
-                        error_message=(
-                            f"The Databricks workspace VNet is in subscription {workspace.subscription_id}, "
-                            "not the one this stack deploys to: set databricks.classic.remote_peering_enabled: "
-                            "false and create the workspace-side peering there."
-                        ),
-                    )
-                ]
+            lifecycle=self._in_stack_subscription(
+                workspace.subscription_id,
+                f"The Databricks workspace VNet is in subscription {workspace.subscription_id}, "
+                "not the one this stack deploys to: set databricks.classic.remote_peering_enabled: "
+                "false and create the workspace-side peering there.",
             ),
         )
 
