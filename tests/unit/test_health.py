@@ -32,7 +32,7 @@ SCRIPT = FILES / "tunnelhub_health.py"
 sys.path[:0] = [str(FILES), str(HERE)]
 
 import tunnelhub_health as health  # noqa: E402
-from test_health_fakes import FakeServer, free_port, make_certificate, route, wait_until  # noqa: E402
+from test_health_fakes import FakeServer, free_port, hammer, make_certificate, route, wait_until  # noqa: E402
 
 TIMEOUT_S = 0.5  # check timeout used by the hang tests
 
@@ -416,21 +416,8 @@ def test_many_probers_do_not_multiply_target_connections(daemon_for):
     with FakeServer("banner") as server:
         _, client = daemon_for(route("banner", server.port, interval_s=interval))
         first_result(client)
-        stop = threading.Event()
-        answered = []
-
-        def prober():
-            while not stop.is_set():
-                answered.append(client.get("/routes/r1")[0])
-
-        probers = [threading.Thread(target=prober, daemon=True) for _ in range(10)]
         before = server.connections
-        for thread in probers:
-            thread.start()
-        time.sleep(window)
-        stop.set()
-        for thread in probers:
-            thread.join(5)
+        answered = hammer(lambda: client.get("/routes/r1")[0], seconds=window)
         hits = server.connections - before
     expected = window / interval  # 8 checks in 2 s, whatever the probe rate
     assert len(answered) > 10 * expected, "the probers must outnumber the checks for this test to mean anything"

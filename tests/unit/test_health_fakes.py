@@ -48,6 +48,26 @@ def wait_until(predicate, timeout_s: float = 5.0, what: str = "condition"):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def hammer(call, *, seconds: float, threads: int = 10) -> list:
+    """Call ``call()`` in a loop from ``threads`` threads for ``seconds``; its results, in order
+    of completion (the load balancer's probers, or Prometheus scrapers, at full rate)."""
+    stop = threading.Event()
+    results: list = []
+
+    def loop() -> None:
+        while not stop.is_set():
+            results.append(call())
+
+    workers = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    time.sleep(seconds)
+    stop.set()
+    for worker in workers:
+        worker.join(5)
+    return results
+
+
 def free_port() -> int:
     """A loopback port with nothing listening on it (connects are refused)."""
     with socket.socket() as sock:

@@ -30,7 +30,7 @@ FILES = HERE.parents[1] / "tunnelhub" / "userdata" / "files"
 sys.path[:0] = [str(FILES), str(HERE)]
 
 import tunnelhub_health as health  # noqa: E402
-from test_health_fakes import FakeServer, free_port, route, wait_until  # noqa: E402
+from test_health_fakes import FakeServer, free_port, hammer, route, wait_until  # noqa: E402
 
 from tunnelhub.userdata import layout as L  # noqa: E402
 
@@ -307,21 +307,8 @@ def test_ten_concurrent_scrapers_add_no_check_to_the_target(start, tmp_path):
         with FakeServer("banner") as server:
             daemon, port = start(route("banner", server.port, interval_s=interval), haproxy=exporter.path)
             wait_until(lambda: daemon.checkers["r1"].rounds >= 1, what="the first check")
-            stop = threading.Event()
-            scrapes: list[float] = []
-
-            def scraper():
-                while not stop.is_set():
-                    scrapes.append(by_route(scrape(port), "tunnelhub_route_up")["r1"])
-
-            threads = [threading.Thread(target=scraper, daemon=True) for _ in range(10)]
             before, reads_before = server.connections, len(exporter.requests)
-            for thread in threads:
-                thread.start()
-            time.sleep(window)
-            stop.set()
-            for thread in threads:
-                thread.join(5)
+            scrapes = hammer(lambda: by_route(scrape(port), "tunnelhub_route_up")["r1"], seconds=window)
             hits = server.connections - before
             reads = len(exporter.requests) - reads_before
     finally:

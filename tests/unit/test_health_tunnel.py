@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -30,19 +29,9 @@ FILES = HERE.parents[1] / "tunnelhub" / "userdata" / "files"
 sys.path[:0] = [str(FILES), str(HERE)]
 
 import tunnelhub_health as health  # noqa: E402
-from test_health_fakes import FakeServer, free_port  # noqa: E402
+from test_health_fakes import FakeServer, free_port, wait_until  # noqa: E402
 
 SSHD = "/usr/sbin/sshd"
-
-
-def _wait(predicate, timeout_s: float, what: str):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -89,7 +78,7 @@ def tunnel():
         sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         processes.append(sshd)
-        _wait(lambda: _reference_check(ssh_port) or sshd.poll() is not None, 15, "sshd to listen")
+        wait_until(lambda: _reference_check(ssh_port) or sshd.poll() is not None, 15, "sshd to listen")
         assert sshd.poll() is None, sshd.stderr.read().decode()
 
         def open_tunnel(target_port: int) -> subprocess.Popen:
@@ -100,7 +89,7 @@ def tunnel():
                  "-R", f"127.0.0.1:{tunnel_port}:127.0.0.1:{target_port}", "root@127.0.0.1"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             processes.append(client)
-            _wait(lambda: _reference_check(tunnel_port) or client.poll() is not None, 15, "the ssh -R listener")
+            wait_until(lambda: _reference_check(tunnel_port) or client.poll() is not None, 15, "the ssh -R listener")
             assert client.poll() is None, "ssh -R exited"
             return client
 
@@ -125,7 +114,7 @@ def test_through_a_real_tunnel_the_check_sees_what_the_reference_check_misses(tu
 
         # GIVEN a working tunnel to a working database
         healthy = health.run_check(route)
-        _wait(lambda: "quit" in database.events, 5, "COM_QUIT through the tunnel")
+        wait_until(lambda: "quit" in database.events, 5, "COM_QUIT through the tunnel")
         assert healthy.healthy and healthy.reason.startswith("MySQL login OK"), healthy.reason
 
         # WHEN the database behind the tunnel stops
