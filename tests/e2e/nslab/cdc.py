@@ -76,7 +76,7 @@ class StreamingReader:
     retry_s: float = 0.5
     give_up_s: float = 90.0
     on_connect: Callable[[], None] | None = None
-    """Called after each successful (re)connect, in the reader's thread (the test uses it to
+    """Called after each successful reconnect, in the reader's thread (the test uses it to
     learn which proxy carries the session)."""
     seen: list[int] = field(default_factory=list, init=False)
     last_id: int = field(default=0, init=False)
@@ -136,9 +136,12 @@ class StreamingReader:
             except (pymysql.MySQLError, OSError):
                 self._stop.wait(self.retry_s)
                 continue
-            event.resumed_at = time.monotonic()
+            resumed_at = time.monotonic()
             if self.on_connect is not None:
                 self.on_connect()
+            # Published only after on_connect has run: a test that waits for resumed_at then
+            # reads what on_connect recorded (CI once saw the wait win that race).
+            event.resumed_at = resumed_at
             return conn
         self.failure = f"no reconnect within {self.give_up_s} s after: {event.error}"
         return None
