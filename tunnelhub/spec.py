@@ -40,6 +40,16 @@ DEFAULT_HEALTH_PORT = 8080
 DEFAULT_DOMAIN_ROOT = "tunnelhub.internal"
 TUNNEL_PORT_OFFSET = 10000  # preferred derived tunnel port: frontend port + 10000
 TUNNEL_PORT_FALLBACK_START = 20000
+PEER_PORT_OFFSET = 20000  # preferred derived peer port: frontend port + 20000
+PEER_PORT_FALLBACK_START = 40000
+HOST_PORT_STRIDE = 1000
+"""Tunnel host ``k`` of a hub (spec order) holds route ``r``'s tunnel on ``r.tunnel_port + k × 1000``
+unless the host sets ``port_offset``: the first host keeps the route's own tunnel port, so a hub
+that names one tunnel host has the port plan it had before several were possible."""
+DEFAULT_TUNNEL_HOST = "tunnel-host"
+"""The name of the one tunnel host of a hub written in the single-host form
+(``onprem.tunnel_public_keys``)."""
+MAX_TUNNEL_HOSTS = 8
 DATABASE_TYPES = ("mysql", "postgresql", "sqlserver", "oracle")
 DEFAULT_PROXY_SIZE = {"azure": "Standard_D2s_v5", "aws": "t3.small"}
 DEFAULT_AZURE_ZONES = ("1", "2", "3")
@@ -116,6 +126,10 @@ def _hub_name(value: str) -> str:
 
 def _route_name(value: str) -> str:
     return _check_name(value, "a route name", 32)
+
+
+def _tunnel_host_name(value: str) -> str:
+    return _check_name(value, "a tunnel host name", 24)
 
 
 def is_valid_domain(value: str, *, wildcard: bool = False) -> bool:
@@ -345,6 +359,7 @@ def _ncc_name(v: str) -> str:
 
 HubName = Annotated[str, AfterValidator(_hub_name)]
 RouteName = Annotated[str, AfterValidator(_route_name)]
+TunnelHostName = Annotated[str, AfterValidator(_tunnel_host_name)]
 Port = Annotated[int, AfterValidator(_port)]
 DomainName = Annotated[str, AfterValidator(_domain)]
 DestinationDomain = Annotated[str, AfterValidator(_wildcard_domain)]
@@ -402,7 +417,12 @@ class Route(_Model):
     """host:port. tunnel: resolved on the tunnel host; forward: resolved by the proxy at connect time."""
     tunnel_port: int | None = None
     """tunnel routes: the loopback port the on-prem ssh -R holds on each proxy (default: port + 10000
-    when free and valid, else the first free port from 20000)."""
+    when free and valid, else the first free port from 20000). With several tunnel hosts this is the
+    first host's port; host ``k`` holds ``tunnel_port + port_offset`` (default offset 1000 × k)."""
+    peer_port: int | None = None
+    """tunnel routes: the port on each proxy's private address where its peers reach this route
+    through that proxy's own tunnels only (the backup path when a proxy's local tunnels are dead;
+    default: port + 20000 when free and valid, else the first free port from 40000)."""
     type: DatabaseType | None = None
     """Database type, for the probe and the Unity Catalog connection."""
     domain: DomainName | None = None
@@ -414,11 +434,11 @@ class Route(_Model):
     idle_timeout_min: int = Field(30, ge=4, le=100)
     """Idle TCP timeout on the load balancer and the proxy data plane (Azure LB allows 4-100)."""
 
-    @field_validator("tunnel_port")
+    @field_validator("tunnel_port", "peer_port")
     @classmethod
-    def _check_tunnel_port(cls, v: int | None) -> int | None:
+    def _check_tunnel_port(cls, v: int | None, info: Any) -> int | None:
         if v is not None and not 1024 < v <= 65535:
-            raise _err("tunnel_port", "tunnel ports must be above 1024 (and at most 65535)")
+            raise _err(info.field_name, f"{info.field_name.replace('_', ' ')}s must be above 1024 (and at most 65535)")
         return v
 
     @field_validator("target")
@@ -561,13 +581,35 @@ class Proxies(_Model):
     and keeps its private half in the hub Key Vault."""
 
 
+class TunnelHost(_Model):
+    """One on-prem tunnel host. Every host carries every tunnel route, on ports of its own."""
+
+    name: TunnelHostName
+    """Names the host's package (``onprem build-deb --tunnel-host NAME``) and its servers in the
+    proxies' data plane; keep it stable (renaming is removing one host and adding another)."""
+    public_keys: list[SshPublicKey] = []
+    """This host's tunnel keys (printed by its package's postinst). A key belongs to one host only,
+    so revoking a host revokes exactly its tunnels."""
+    source_cidrs: list[Cidr] = []
+    """Where this host's SSH connections come from (default: onprem.source_cidrs); each must lie
+    inside onprem.source_cidrs, the ranges the network rules admit."""
+    port_offset: int | None = Field(None, ge=0, le=60000)
+    """Added to every route's tunnel_port to give this host's loopback ports on the proxies (default:
+    1000 × its position in the list). Set it when removing a host from the middle of the list, so the
+    hosts after it keep their ports (and their installed packages stay valid)."""
+
+
 class OnPrem(_Model):
     """The on-prem tunnel host side."""
 
     source_cidrs: list[Cidr] = Field(min_length=1)
-    """Where the tunnel host's SSH connections come from (the only sources allowed on port 22)."""
+    """Where the tunnel hosts' SSH connections come from (the only sources allowed on port 22)."""
     tunnel_public_keys: list[SshPublicKey] = []
-    """Public keys of the tunnel hosts (printed by the on-prem package's postinst)."""
+    """Single-host form: the public keys of the hub's one tunnel host (printed by the on-prem
+    package's postinst). Use tunnel_hosts instead for two or more hosts."""
+    tunnel_hosts: list[TunnelHost] = Field([], max_length=MAX_TUNNEL_HOSTS)
+    """Two or more tunnel hosts, active/active: each carries every tunnel route on its own ports,
+    and the proxies spread connections over the hosts that are up (docs/onprem.md)."""
     tunnel_user: LinuxUser = "tunnel"
     private_circuit: bool | None = None
     """The tunnel host reaches the proxies' private addresses (ExpressRoute, VPN, Direct Connect).
@@ -808,6 +850,45 @@ class Hub(_Model):
         return [r for r in self.routes if r.kind == "tunnel"]
 
     @property
+    def tunnel_hosts(self) -> list[TunnelHost]:
+        """The hub's tunnel hosts with every default filled in (``port_offset``, ``source_cidrs``).
+        The single-host form (``onprem.tunnel_public_keys``) is one host named ``tunnel-host``."""
+        op = self.onprem
+        hosts = op.tunnel_hosts or [TunnelHost(name=DEFAULT_TUNNEL_HOST, public_keys=list(op.tunnel_public_keys))]
+        return [
+            h.model_copy(update={
+                "port_offset": HOST_PORT_STRIDE * k if h.port_offset is None else h.port_offset,
+                "source_cidrs": list(h.source_cidrs) or list(op.source_cidrs),
+            })
+            for k, h in enumerate(hosts)
+        ]
+
+    @property
+    def multi_host(self) -> bool:
+        """True when the spec names tunnel hosts (``onprem.tunnel_hosts``)."""
+        return bool(self.onprem.tunnel_hosts)
+
+    def tunnel_host(self, name: str) -> TunnelHost:
+        for h in self.tunnel_hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    def host_tunnel_port(self, route: Route, host: TunnelHost | str) -> int:
+        """The loopback port tunnel host ``host`` holds for ``route`` on every proxy."""
+        if route.tunnel_port is None:
+            raise ValueError(f"route {route.name!r} has no tunnel port (a forward route, or an unresolved spec)")
+        h = self.tunnel_host(host) if isinstance(host, str) else host
+        offset = h.port_offset
+        if offset is None:  # an unresolved host: its position gives the default
+            offset = HOST_PORT_STRIDE * [x.name for x in self.tunnel_hosts].index(h.name)
+        return route.tunnel_port + offset
+
+    def all_tunnel_keys(self) -> list[tuple[str, str]]:
+        """``(host name, public key)`` for every tunnel key of the hub, in spec order."""
+        return [(h.name, key) for h in self.tunnel_hosts for key in h.public_keys]
+
+    @property
     def forward_routes(self) -> list[Route]:
         return [r for r in self.routes if r.kind == "forward"]
 
@@ -851,22 +932,28 @@ class Hub(_Model):
         return []
 
     def port_plan(self) -> list[dict[str, Any]]:
-        """One row per route: what listens where (the ``tunnelhub ports`` table)."""
-        return [
-            {
-                "hub": self.name,
-                "route": r.name,
-                "kind": r.kind,
-                "port": r.port,
-                "tunnel_port": r.tunnel_port,
-                "target": r.target,
-                "domain": r.domain,
-                "type": r.type,
-                "probe": r.probe_mode,
-                "health_path": r.health_path,
-            }
-            for r in self.routes
-        ]
+        """What listens where (the ``tunnelhub ports`` table): one row per (tunnel route, tunnel
+        host) and one per forward route. ``tunnel_port`` is that host's loopback port on every
+        proxy; ``peer_port`` the route's backup path between proxies (None for forward routes)."""
+        rows = []
+        for r in self.routes:
+            hosts: list[TunnelHost | None] = list(self.tunnel_hosts) if r.kind == "tunnel" else [None]
+            for h in hosts:
+                rows.append({
+                    "hub": self.name,
+                    "route": r.name,
+                    "kind": r.kind,
+                    "port": r.port,
+                    "tunnel_host": h.name if h is not None else None,
+                    "tunnel_port": self.host_tunnel_port(r, h) if h is not None and r.tunnel_port is not None else None,
+                    "peer_port": r.peer_port,
+                    "target": r.target,
+                    "domain": r.domain,
+                    "type": r.type,
+                    "probe": r.probe_mode,
+                    "health_path": r.health_path,
+                })
+        return rows
 
 
 class SpecFile(_Model):
@@ -1449,9 +1536,52 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
             if c.overlaps(hc) and hub.private_circuit:
                 issue(("onprem", "source_cidrs", k), f"overlaps the hub network {hc}; the on-prem network and the hub "
                       "must use distinct ranges to route between them", str(c))
-    if not op.tunnel_public_keys:
+    if op.tunnel_hosts and op.tunnel_public_keys:
+        issue(("onprem", "tunnel_public_keys"), "give the keys under onprem.tunnel_hosts[k].public_keys (one list per "
+              "host) or here (the single-host form), not both: move these keys to the host they belong to")
+    names: dict[str, int] = {}
+    offsets: dict[int, int] = {}
+    key_owner: dict[str, tuple] = {}
+    for k, h in enumerate(op.tunnel_hosts):
+        hp = ("onprem", "tunnel_hosts", k)
+        if h.name in names:
+            issue(hp + ("name",), f"tunnel host names must be unique in a hub; tunnel_hosts[{names[h.name]}] is "
+                  "already called that", h.name)
+        names.setdefault(h.name, k)
+        offset = HOST_PORT_STRIDE * k if h.port_offset is None else h.port_offset
+        if offset in offsets:
+            issue(hp + ("port_offset",), f"tunnel_hosts[{offsets[offset]}] already uses port offset {offset}: two "
+                  "hosts cannot hold the same loopback ports; give this host another port_offset", offset)
+        offsets.setdefault(offset, k)
+        for j, c in enumerate(h.source_cidrs):
+            if not any(c.subnet_of(o) for o in op.source_cidrs):
+                issue(hp + ("source_cidrs", j), "lies outside onprem.source_cidrs, the ranges the network rules admit "
+                      "on port 22: add it there too, or narrow this one", str(c))
+        if not h.public_keys:
+            issue(hp + ("public_keys",), f"warning: tunnel host {h.name!r} has no key yet, so the proxies refuse its "
+                  "tunnels; install its package (onprem build-deb --tunnel-host " + h.name + "), then add the key "
+                  "it prints here and deploy again")
+    keyed = [(("onprem", "tunnel_public_keys", j), DEFAULT_TUNNEL_HOST, key) for j, key in enumerate(op.tunnel_public_keys)]
+    keyed += [(("onprem", "tunnel_hosts", k, "public_keys", j), h.name, key)
+              for k, h in enumerate(op.tunnel_hosts) for j, key in enumerate(h.public_keys)]
+    for path, owner, key in keyed:
+        blob = " ".join(key.split()[:2])
+        if blob in key_owner:
+            first_path, first_owner = key_owner[blob]
+            where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first_path).lstrip(".")
+            if first_owner == owner:
+                issue(path, f"this key is already listed at {where}; remove the duplicate", key.split()[-1])
+            else:
+                issue(path, f"this key is already tunnel host {first_owner!r}'s ({where}): each host needs its own "
+                      "key, so one host can be revoked without cutting the others; use the key that host's "
+                      "package printed", key.split()[-1])
+        key_owner.setdefault(blob, (path, owner))
+    if not op.tunnel_hosts and not op.tunnel_public_keys:
         issue(("onprem", "tunnel_public_keys"), "warning: no tunnel keys yet, so proxies will refuse every tunnel; "
               "install the on-prem package, then add the key it prints here and deploy again")
+    issues_port_plan = _check_port_plan(hub)
+    for path, message, value in issues_port_plan:
+        issue(path, message, value)
 
     # databricks
     db = hub.databricks
@@ -1602,6 +1732,46 @@ def ncc_binding_warnings(hubs: list[Hub]) -> list[str]:
     return lines
 
 
+def _check_port_plan(hub: Hub) -> list[tuple[tuple, str, Any]]:
+    """The other hosts' loopback ports and the peer ports of the resolved port plan: each valid,
+    and used once on a proxy. (The first host's ports are the routes' ``tunnel_port``, which the
+    route rules check.)"""
+    out: list[tuple[tuple, str, Any]] = []
+    try:
+        rh = _resolve_hub(hub)
+    except Exception:  # noqa: BLE001 - other rules report what makes the hub unresolvable
+        return out
+    used = {SSH_PORT: "SSH", hub.proxies.health_port: "the health endpoint"}
+    used.update({r.port: f"route {r.name}'s frontend" for r in rh.routes})
+    hosts = rh.tunnel_hosts
+    tunnel = [(k, r) for k, r in enumerate(rh.routes) if r.kind == "tunnel" and r.tunnel_port is not None]
+    for _k, r in tunnel:
+        used.setdefault(r.tunnel_port, f"tunnel host {hosts[0].name}'s tunnel for route {r.name}")
+    claims: list[tuple[tuple, str, int, str]] = []
+    offsets = {hosts[0].port_offset} if hosts else set()
+    for j, h in enumerate(hosts[1:], start=1):
+        if h.port_offset in offsets:
+            continue  # reported as a duplicate port_offset
+        offsets.add(h.port_offset)
+        for k, r in tunnel:
+            claims.append((("onprem", "tunnel_hosts", j, "port_offset"),
+                           f"tunnel host {h.name}'s tunnel for route {r.name}", rh.host_tunnel_port(r, h),
+                           f"give tunnel_hosts[{j}] another port_offset, or routes[{k}] another tunnel_port"))
+    for k, r in tunnel:
+        if r.peer_port is not None:
+            claims.append((("routes", k, "peer_port"), f"route {r.name}'s peer path", r.peer_port,
+                           f"set routes[{k}].peer_port to a free port"))
+    for path, what, port, fix in claims:
+        if not 1024 < port <= 65535:
+            out.append((path, f"gives {what} port {port}, outside 1025-65535: {fix}", port))
+        elif port in used:
+            out.append((path, f"{what} would be port {port}, which {used[port]} already uses on every proxy: {fix}",
+                        port))
+        else:
+            used[port] = what
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Derived defaults
 # --------------------------------------------------------------------------------------------
@@ -1614,22 +1784,34 @@ def _resolve(spec: SpecFile) -> SpecFile:
 def _resolve_hub(hub: Hub) -> Hub:
     suffix = hub.domain_suffix or f"{hub.name}.{DEFAULT_DOMAIN_ROOT}"
     taken = {r.tunnel_port for r in hub.routes if r.tunnel_port is not None}
+    taken |= {r.peer_port for r in hub.routes if r.peer_port is not None}
     taken |= {r.port for r in hub.routes} | {SSH_PORT, hub.proxies.health_port}
     routes = []
     for r in hub.routes:
         update: dict[str, Any] = {}
         if r.kind == "tunnel" and r.tunnel_port is None:
-            port = r.port + TUNNEL_PORT_OFFSET
-            if not (1024 < port <= 65535) or port in taken:
-                port = TUNNEL_PORT_FALLBACK_START
-                while port in taken:
-                    port += 1
-            taken.add(port)
-            update["tunnel_port"] = port
+            update["tunnel_port"] = _free_port(r.port + TUNNEL_PORT_OFFSET, TUNNEL_PORT_FALLBACK_START, taken)
+        routes.append(update)
+    for r, update in zip(hub.routes, routes):
+        if r.kind == "tunnel" and r.peer_port is None:
+            update["peer_port"] = _free_port(r.port + PEER_PORT_OFFSET, PEER_PORT_FALLBACK_START, taken)
+    resolved = []
+    for r, update in zip(hub.routes, routes):
         if r.domain is None:
             update["domain"] = _route_domain(r, suffix)
-        routes.append(r.model_copy(update=update) if update else r)
-    return hub.model_copy(update={"routes": routes, "domain_suffix": suffix})
+        resolved.append(r.model_copy(update=update) if update else r)
+    return hub.model_copy(update={"routes": resolved, "domain_suffix": suffix})
+
+
+def _free_port(preferred: int, fallback: int, taken: set[int]) -> int:
+    """``preferred`` when valid and free, else the first free port from ``fallback``; marks it taken."""
+    port = preferred
+    if not (1024 < port <= 65535) or port in taken:
+        port = fallback
+        while port in taken:
+            port += 1
+    taken.add(port)
+    return port
 
 
 def _route_domain(route: Route, suffix: str) -> str:
