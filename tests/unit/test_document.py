@@ -121,12 +121,14 @@ def test_the_document_carries_every_live_part():
     assert [r["name"] for r in payload["routes"]] == ["inventory-mysql", "aoai"]
     assert payload["routes"][0] == {"name": "inventory-mysql", "kind": "tunnel", "port": 3306,
                                     "target": "inventory-db.corp.example:3306", "tunnel_port": 13306,
-                                    "max_connections": 1000, "idle_timeout_min": 30,
+                                    "tunnel_hosts": [{"host": "tunnel-host", "tunnel_port": 13306}],
+                                    "peer_port": 23306, "max_connections": 1000, "idle_timeout_min": 30,
                                     "probe": {"mode": "mysql", "interval_s": 2.0, "timeout_s": 2.0,
                                               "check_user": "tunnelhub_check"}}
     assert payload["peers"] == [{"slot": 0, "address": "10.70.0.16"}, {"slot": 1, "address": "10.70.0.80"}]
     assert payload["tunnel_keys"] == [{"type": "ssh-ed25519", "comment": "tunnel@onprem-tunnel-01 (example)",
-                                       "fingerprint": D.key_fingerprint(hub.onprem.tunnel_public_keys[0])}]
+                                       "fingerprint": D.key_fingerprint(hub.onprem.tunnel_public_keys[0]),
+                                       "host": "tunnel-host"}]
     assert (payload["tunnel_user"], payload["health_port"]) == ("tunnel", 8080)
 
 
