@@ -537,7 +537,8 @@ def test_authorized_keys_of_two_hosts_with_their_own_ranges_and_one_without_keys
         "# (no keys for tunnel host dc3 yet: add onprem.tunnel_hosts[2].public_keys and deploy again)"]
     assert D.permit_listen(hub) == [f"localhost:{p}" for p in (13306, 15432, 14306, 16432, 15306, 17432)]
     assert D.sshd_tunnel_forwarding(hub).endswith(
-        "PermitListen localhost:13306 localhost:15432 localhost:14306 localhost:16432 localhost:15306 localhost:17432\nPermitOpen 127.0.0.1:8080\n")
+        "PermitListen localhost:13306 localhost:15432 localhost:14306 localhost:16432 localhost:15306 localhost:17432\n"
+        "PermitOpen 127.0.0.1:8080\n")
 
 
 def test_authorized_keys_without_tunnel_routes_or_keys():
