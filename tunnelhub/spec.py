@@ -1548,9 +1548,6 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
             issue(hp + ("name",), f"tunnel host names must be unique in a hub; tunnel_hosts[{names[h.name]}] is "
                   "already called that", h.name)
         names.setdefault(h.name, k)
-        if re.fullmatch(r"peer[0-9]+", h.name):
-            issue(hp + ("name",), "peer<N> is the name of the other proxies' backup servers in every tunnel "
-                  "route's backend on the proxies; give the host another name", h.name)
         offset = HOST_PORT_STRIDE * k if h.port_offset is None else h.port_offset
         if offset in offsets:
             issue(hp + ("port_offset",), f"tunnel_hosts[{offsets[offset]}] already uses port offset {offset}: two "
@@ -1573,7 +1570,8 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
             first_path, first_owner = key_owner[blob]
             where = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first_path).lstrip(".")
             if first_owner == owner:
-                issue(path, f"this key is already listed at {where}; remove the duplicate", key.split()[-1])
+                issue(path, f"warning: this key is already listed at {where}; the duplicate line does nothing: "
+                      "remove it", key.split()[-1])
             else:
                 issue(path, f"this key is already tunnel host {first_owner!r}'s ({where}): each host needs its own "
                       "key, so one host can be revoked without cutting the others; use the key that host's "
