@@ -1182,9 +1182,9 @@ class HostsChecker:
             body.update(age_s=round(now - result.finished_at, 3), latency_ms=round(result.latency_s * 1000, 2),
                         since_s=None if since is None else round(now - since, 1))
         if up:
-            first = hosts[up[0]]
+            down = [f"{name}: {st['reason']}" for name, st in hosts.items() if not st["healthy"]]
             body["reason"] = (f"{len(up)} of {len(hosts)} tunnel hosts up ({', '.join(up)}); "
-                              f"{up[0]}: {first['reason']}")
+                              + (f"down: {'; '.join(down)}" if down else f"{up[0]}: {hosts[up[0]]['reason']}"))
             warnings = [f"{name}: {st['warning']}" for name, st in hosts.items() if st["warning"]]
             body["warning"] = "; ".join(warnings) or None
         else:
