@@ -238,3 +238,20 @@ def test_each_host_change_is_logged_once(daemon, caplog):
     assert sum(ln.startswith("route db tunnel host host-a DOWN: connection refused") for ln in lines) == 1
     assert lines.count("route db DOWN: no tunnel host up") == 0
     assert sum(ln.startswith("route db tunnel host host-b UP: banner received") for ln in lines) == 1
+
+
+def test_tunnelhub_status_carries_each_host_from_the_daemons_answer(daemon):
+    """``tunnelhub status`` (tunnelhub/status.py) reads the daemon's ``GET /`` and keeps each tunnel
+    host's state in its per-proxy cell (JSON ``hosts``); the reason names the host that is down."""
+    from tunnelhub import status as T
+
+    with FakeServer("banner") as b:
+        d = daemon(route({"host-a": free_port(), "host-b": b.port}))
+        wait_until(lambda: get(d.port, "/routes/db")[1].get("hosts_up") == 1
+                   and get(d.port, "/routes/db")[1]["hosts"]["host-a"]["checks"] >= 1, what="first checks")
+        answer = T.ask(0, "127.0.0.1", d.port, 2.0)
+        cell = T.route_rows(["db"], [answer])[0]["per_proxy"][0]
+        assert cell["state"] == "up"
+        assert cell["hosts"]["host-a"]["state"] == "down" and cell["hosts"]["host-b"]["state"] == "up"
+        assert cell["hosts"]["host-a"]["reason"].startswith("connection refused on 127.0.0.1:")
+        assert cell["reason"].startswith("1 of 2 tunnel hosts up (host-b); down: host-a: connection refused")
