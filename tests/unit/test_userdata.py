@@ -319,17 +319,20 @@ def test_one_haproxy_listener_per_route(hub, slot, ud):
         assert f"maxconn {r.max_connections}" in block
         assert f"timeout client {r.idle_timeout_min}m" in block and f"timeout server {r.idle_timeout_min}m" in block
         if r.kind == "tunnel":
-            # the single-host form: one host named tunnel-host at the route's tunnel port, every slot a backup
+            # one server per tunnel host at its own loopback port (the example weu names two hosts; use
+            # keeps the single-host form: one host named tunnel-host), every slot a backup
+            hosts = hub.tunnel_hosts
             assert [ln.split()[1] for ln in block if ln.startswith("server ")] == [
-                "tunnel-host", *(f"peer_{k}" for k in range(len(peers)))]
-            assert (f'server tunnel-host 127.0.0.1:{r.tunnel_port} agent-inter 1000ms agent-send '
-                    f'"GET /agent/{r.name}/tunnel-host HTTP/1.0\\r\\n\\r\\n"') in block
+                *(h.name for h in hosts), *(f"peer_{k}" for k in range(len(peers)))]
+            for h in hosts:
+                assert (f'server {h.name} 127.0.0.1:{hub.host_tunnel_port(r, h)} agent-inter 1000ms agent-send '
+                        f'"GET /agent/{r.name}/{h.name} HTTP/1.0\\r\\n\\r\\n"') in block
             for k, address in enumerate(peers):
                 assert (f'server peer_{k} {address}:{r.peer_port} backup agent-send '
                         f'"GET /agent/{r.name} HTTP/1.0\\r\\n\\r\\n"') in block
             peer = blocks[f"{r.name}_peer"]
             assert f"bind 0.0.0.0:{r.peer_port}" in peer and "backup" not in " ".join(peer)
-            assert [ln.split()[1] for ln in peer if ln.startswith("server ")] == ["tunnel-host"]
+            assert [ln.split()[1] for ln in peer if ln.startswith("server ")] == [h.name for h in hosts]
         else:
             assert (f"server remote {r.target_host}:{r.target_port} resolvers dns resolve-prefer ipv4 "
                     "init-addr none") in block
