@@ -28,7 +28,7 @@ LB -> proxy -> tunnel; the lab's LB is an HAProxy standing in for the cloud's). 
 The figures are printed against the targets: bulk >= 0.9x direct (issue 18), added round trip
 <= 250 us, added setup <= 5 ms (full path).
 
-    python3 bench/datapath.py                # everything (~5 minutes)
+    python3 bench/datapath.py                # everything (~2.5 minutes; --bulk-only ~1.5)
     python3 bench/datapath.py --quick        # fewer samples (the targets' minimums are not met)
     python3 bench/datapath.py --bulk-only --runs 3 --clients 1
     python3 bench/datapath.py --cipher chacha20-poly1305@openssh.com   # OpenSSH's default cipher
