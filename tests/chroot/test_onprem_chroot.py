@@ -210,6 +210,7 @@ def test_install(chroot, debs):
     # ssh in the root reads the shipped options file.
     g = chroot.run("ssh", "-G", "-F", f"{ETC}/ssh_config", "10.60.0.5").stdout
     assert "user tunnel" in g and "hostkeyalias tunnelhub-weu" in g and "stricthostkeychecking true" in g
+    assert "ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com" in g.splitlines()
 
 
 def test_upgrade_keeps_the_key_and_adds_the_route(chroot, debs):

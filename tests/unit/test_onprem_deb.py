@@ -386,6 +386,9 @@ def test_ssh_reads_the_options_file(extracted):
         "serveraliveinterval": "5", "serveralivecountmax": "3", "connecttimeout": "10",
         "identityfile": "/var/lib/tunnelhub-weu/id_ed25519", "hostkeyalgorithms": "ssh-ed25519",
         "updatehostkeys": "false", "clearallforwardings": "no",
+        # AES-GCM first (bulk throughput, docs/performance.md), chacha20-poly1305 as the fallback.
+        "ciphers": "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com",
+        "compression": "no",
     }
     assert {k: effective.get(k) for k in expected} == expected
 

@@ -499,6 +499,9 @@ def test_sshd_dropin_lines(hub, slot, ud):
         "GatewayPorts no", "ClientAliveInterval 10", "ClientAliveCountMax 3",
         f"AllowUsers {hub.proxies.admin_username} {hub.onprem.tunnel_user}",
     } <= global_lines
+    # The tunnel host's ssh_config puts AES-GCM first (bulk throughput, docs/performance.md): the
+    # drop-in leaves sshd's cipher list at its default, which offers it.
+    assert not any(line.split()[0] in {"Ciphers", "MACs", "Compression"} for line in global_lines)
     match_lines = [line.strip() for line in match.splitlines() if line.strip()]
     assert match_lines == [
         "Include /etc/ssh/tunnelhub/tunnel-forwarding.conf",  # the document's part: its values come first
