@@ -79,6 +79,20 @@ def mutated(hub: dict[str, Any], change: Callable[[dict[str, Any]], None]) -> di
 # ---------------------------------------------------------------------------------------------
 
 SECOND_TUNNEL_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ3b6Y1lV2fQ9m6Xb9y0aZk0K8yYb5j3v5m9v2Yk0xQf tunnel@second"
+THIRD_TUNNEL_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPmAX4lMsC1a80G3W9G2nKtRwND9ECIx9NwNvNbitm4c tunnel@third"
+
+
+def tunnel_hosts(*hosts: dict[str, Any], source_cidrs: tuple[str, ...] = ("192.168.10.0/24",)) -> dict[str, Any]:
+    """An ``onprem`` block in the several-hosts form (``onprem.tunnel_hosts``)."""
+    return {"source_cidrs": list(source_cidrs), "tunnel_hosts": [dict(h) for h in hosts]}
+
+
+def first_host_keys(hub: dict[str, Any]) -> list[str]:
+    """The key list of a hub's first tunnel host, in either form of the spec (to mutate)."""
+    onprem = hub["onprem"]
+    if onprem.get("tunnel_hosts"):
+        return onprem["tunnel_hosts"][0].setdefault("public_keys", [])
+    return onprem.setdefault("tunnel_public_keys", [])
 
 
 def _add_tunnel_route(hub: dict[str, Any]) -> None:
@@ -97,7 +111,16 @@ def _remove_route(hub: dict[str, Any]) -> None:
 
 
 def _rotate_tunnel_key(hub: dict[str, Any]) -> None:
-    hub["onprem"]["tunnel_public_keys"] = [SECOND_TUNNEL_KEY]  # the new key in, the old one revoked
+    first_host_keys(hub)[:] = [SECOND_TUNNEL_KEY]  # the new key in, the old one revoked
+
+
+def _add_tunnel_host(hub: dict[str, Any]) -> None:
+    """Another tunnel host (a hub in the single-host form is written in the several-hosts form,
+    its host keeping the default name and so its ports)."""
+    onprem = hub["onprem"]
+    if not onprem.get("tunnel_hosts"):
+        onprem["tunnel_hosts"] = [{"name": "tunnel-host", "public_keys": onprem.pop("tunnel_public_keys", [])}]
+    onprem["tunnel_hosts"].append({"name": "dc-added", "public_keys": [THIRD_TUNNEL_KEY]})
 
 
 ROUTINE_CHANGES: dict[str, Callable[[dict[str, Any]], None]] = {
@@ -108,8 +131,9 @@ ROUTINE_CHANGES: dict[str, Callable[[dict[str, Any]], None]] = {
     "idle-timeout": lambda h: h["routes"][0].update(idle_timeout_min=45),
     "route-probe": lambda h: h["routes"][0].update(probe={"interval_s": 3, "timeout_s": 1.5}),
     "lb-probe": lambda h: h.setdefault("proxies", {}).update(probe_interval_s=10, probe_threshold=3),
-    "add-tunnel-key": lambda h: h["onprem"]["tunnel_public_keys"].append(SECOND_TUNNEL_KEY),
+    "add-tunnel-key": lambda h: first_host_keys(h).append(SECOND_TUNNEL_KEY),
     "rotate-tunnel-key": _rotate_tunnel_key,
+    "add-tunnel-host": _add_tunnel_host,
     "source-cidrs": lambda h: h["onprem"]["source_cidrs"].append("198.51.100.0/24"),
     "more-proxies": lambda h: h.setdefault("proxies", {}).update(count=4),
 }

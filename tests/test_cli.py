@@ -58,16 +58,26 @@ def test_validate_rejects_with_the_field_named(tmp_path, change, fragment):
 
 
 def test_ports_table_and_json():
+    """One row per (tunnel route, tunnel host): weu has two tunnel hosts, use the single-host form."""
     table = run("ports", str(EXAMPLE_SPEC))
     assert table.exit_code == 0
     header, *rows = table.output.splitlines()
-    assert header.split() == ["HUB", "ROUTE", "KIND", "PORT", "TUNNEL_PORT", "TARGET", "DOMAIN", "PROBE"]
-    assert any(r.split()[:5] == ["weu", "orders-mysql", "tunnel", "3306", "13306"] for r in rows)
-    assert any(r.split()[:5] == ["use", "aoai", "forward", "443", "-"] for r in rows)
+    assert header.split() == ["HUB", "ROUTE", "KIND", "PORT", "TUNNEL_HOST", "TUNNEL_PORT", "PEER_PORT", "TARGET",
+                              "DOMAIN", "PROBE"]
+    assert [r.split()[:7] for r in rows if r.startswith("weu ")] == [
+        ["weu", "orders-mysql", "tunnel", "3306", "ams-tunnel-01", "13306", "23306"],
+        ["weu", "orders-mysql", "tunnel", "3306", "ams-tunnel-02", "14306", "23306"],
+        ["weu", "billing-pg", "tunnel", "5432", "ams-tunnel-01", "15432", "25432"],
+        ["weu", "billing-pg", "tunnel", "5432", "ams-tunnel-02", "16432", "25432"]]
+    assert any(r.split()[:7] == ["use", "inventory-mysql", "tunnel", "3306", "tunnel-host", "13306", "23306"]
+               for r in rows)
+    assert any(r.split()[:7] == ["use", "aoai", "forward", "443", "-", "-", "-"] for r in rows)
     data = json.loads(run("ports", str(EXAMPLE_SPEC), "--json").output)
-    assert {(r["hub"], r["route"], r["tunnel_port"]) for r in data} == {
-        ("weu", "orders-mysql", 13306), ("weu", "billing-pg", 15432),
-        ("use", "inventory-mysql", 13306), ("use", "aoai", None)}
+    assert {(r["hub"], r["route"], r["tunnel_host"], r["tunnel_port"], r["peer_port"]) for r in data} == {
+        ("weu", "orders-mysql", "ams-tunnel-01", 13306, 23306), ("weu", "orders-mysql", "ams-tunnel-02", 14306, 23306),
+        ("weu", "billing-pg", "ams-tunnel-01", 15432, 25432), ("weu", "billing-pg", "ams-tunnel-02", 16432, 25432),
+        ("use", "inventory-mysql", "tunnel-host", 13306, 23306), ("use", "aoai", None, None, None)}
+    assert len(data) == 6
 
 
 def test_synth_bad_spec_and_unknown_hub(tmp_path):

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunnelhub.spec import DEFAULT_TUNNEL_HOST
 from tunnelhub.userdata.layout import AWS_DOCUMENT_KEY
 
 AZURE_VM = "azurerm_linux_virtual_machine"
@@ -194,7 +195,10 @@ class LiveConfigChange:
 
 
 def _key_label(key: dict) -> str:
-    return f"{key['fingerprint']} ({key['comment']})" if key.get("comment") else key["fingerprint"]
+    """``<fingerprint> (<comment>)``, and ``of tunnel host <name>`` on a hub that names its hosts."""
+    label = f"{key['fingerprint']} ({key['comment']})" if key.get("comment") else key["fingerprint"]
+    host = key.get("host")
+    return f"{label} of tunnel host {host}" if host and host != DEFAULT_TUNNEL_HOST else label
 
 
 def live_config_change(before: dict | None, after: dict | None) -> LiveConfigChange | None:

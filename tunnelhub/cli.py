@@ -105,13 +105,21 @@ def validate(spec: Path | None) -> None:
 @spec_argument
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def ports(spec: Path | None, as_json: bool) -> None:
-    """The port plan: per hub and route, frontend port, tunnel port, target, domain, probe."""
+    """The port plan: per hub, route and tunnel host, the frontend port, that host's tunnel port
+    (its loopback port on every proxy), the route's peer port, target, domain, probe.
+
+    A tunnel route has one row per tunnel host (a hub in the single-host form has one host,
+    tunnel-host); a forward route has one row. --json prints the rows as a list of objects with
+    hub, route, kind, port, tunnel_host, tunnel_port, peer_port, target, domain, type, probe and
+    health_path (null where a field does not apply).
+    """
     loaded = load(spec)
     rows = [row for hub in loaded.hubs for row in hub.port_plan()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    print_table(rows, ["hub", "route", "kind", "port", "tunnel_port", "target", "domain", "probe"])
+    print_table(rows, ["hub", "route", "kind", "port", "tunnel_host", "tunnel_port", "peer_port", "target", "domain",
+                       "probe"])
 
 
 @main.command()
@@ -259,7 +267,8 @@ def render_config(spec: Path | None, hub_name: str | None, out: Path | None) -> 
     else:
         click.echo(document.text, nl=False)
     progress(f"hub {hub.name}: configuration document {document.version}, {len(document.text.encode())} bytes "
-             f"({channel}); {len(hub.routes)} route(s), {len(hub.onprem.tunnel_public_keys)} tunnel key(s)")
+             f"({channel}); {len(hub.routes)} route(s), {len(hub.all_tunnel_keys())} tunnel key(s) of "
+             f"{len(hub.tunnel_hosts)} tunnel host(s)")
     if out is not None:
         progress(f"wrote {out}")
 

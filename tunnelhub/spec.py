@@ -1548,6 +1548,9 @@ def _check_hub(hub: Hub, at: tuple) -> list[SpecIssue]:  # noqa: C901 - one rule
             issue(hp + ("name",), f"tunnel host names must be unique in a hub; tunnel_hosts[{names[h.name]}] is "
                   "already called that", h.name)
         names.setdefault(h.name, k)
+        if re.fullmatch(r"peer[0-9]+", h.name):
+            issue(hp + ("name",), "peer<N> is the name of the other proxies' backup servers in every tunnel "
+                  "route's backend on the proxies; give the host another name", h.name)
         offset = HOST_PORT_STRIDE * k if h.port_offset is None else h.port_offset
         if offset in offsets:
             issue(hp + ("port_offset",), f"tunnel_hosts[{offsets[offset]}] already uses port offset {offset}: two "
@@ -1733,9 +1736,10 @@ def ncc_binding_warnings(hubs: list[Hub]) -> list[str]:
 
 
 def _check_port_plan(hub: Hub) -> list[tuple[tuple, str, Any]]:
-    """The other hosts' loopback ports and the peer ports of the resolved port plan: each valid,
-    and used once on a proxy. (The first host's ports are the routes' ``tunnel_port``, which the
-    route rules check.)"""
+    """Every tunnel host's loopback ports and the peer ports of the resolved port plan: each
+    valid, and used once on a proxy. The host with port offset 0 holds the routes' own
+    ``tunnel_port`` (which the route rules check); every other host's ports are checked here, and
+    a collision names a ``port_offset`` that would be free."""
     out: list[tuple[tuple, str, Any]] = []
     try:
         rh = _resolve_hub(hub)
@@ -1745,31 +1749,59 @@ def _check_port_plan(hub: Hub) -> list[tuple[tuple, str, Any]]:
     used.update({r.port: f"route {r.name}'s frontend" for r in rh.routes})
     hosts = rh.tunnel_hosts
     tunnel = [(k, r) for k, r in enumerate(rh.routes) if r.kind == "tunnel" and r.tunnel_port is not None]
+    base = next((h for h in hosts if h.port_offset == 0), None)
     for _k, r in tunnel:
-        used.setdefault(r.tunnel_port, f"tunnel host {hosts[0].name}'s tunnel for route {r.name}")
+        used.setdefault(r.tunnel_port, f"tunnel host {base.name}'s tunnel for route {r.name}" if base is not None
+                        else f"route {r.name}'s tunnel_port")
     claims: list[tuple[tuple, str, int, str]] = []
-    offsets = {hosts[0].port_offset} if hosts else set()
-    for j, h in enumerate(hosts[1:], start=1):
+    offsets = {0} if base is not None else set()
+    for j, h in enumerate(hosts):
         if h.port_offset in offsets:
-            continue  # reported as a duplicate port_offset
+            continue  # the base host, or a duplicate port_offset (reported as such)
         offsets.add(h.port_offset)
+        where = ("onprem", "tunnel_hosts", j, "port_offset")
         for k, r in tunnel:
-            claims.append((("onprem", "tunnel_hosts", j, "port_offset"),
-                           f"tunnel host {h.name}'s tunnel for route {r.name}", rh.host_tunnel_port(r, h),
-                           f"give tunnel_hosts[{j}] another port_offset, or routes[{k}] another tunnel_port"))
+            claims.append((where, f"tunnel host {h.name}'s tunnel for route {r.name}", rh.host_tunnel_port(r, h),
+                           f"give tunnel_hosts[{j}] another port_offset{{free}}, or routes[{k}] another tunnel_port"))
     for k, r in tunnel:
         if r.peer_port is not None:
             claims.append((("routes", k, "peer_port"), f"route {r.name}'s peer path", r.peer_port,
                            f"set routes[{k}].peer_port to a free port"))
+    fixed = set(used)  # SSH, health, frontends, the base host's ports
+    reported: set[tuple] = set()
     for path, what, port, fix in claims:
+        problem = None
         if not 1024 < port <= 65535:
-            out.append((path, f"gives {what} port {port}, outside 1025-65535: {fix}", port))
+            problem = f"gives {what} port {port}, outside 1025-65535"
         elif port in used:
-            out.append((path, f"{what} would be port {port}, which {used[port]} already uses on every proxy: {fix}",
-                        port))
+            problem = f"{what} would be port {port}, which {used[port]} already uses on every proxy"
         else:
             used[port] = what
+        if problem is None:
+            continue
+        if path in reported and path[-1] == "port_offset":
+            continue  # one message per host: its first colliding port
+        reported.add(path)
+        free = ""
+        if "{free}" in fix:
+            others = {c[2] for c in claims if c[0] != path}  # the host's own ports are free once it moves
+            offset = _free_offset([r.tunnel_port for _, r in tunnel], fixed | others, offsets)
+            free = f" (port_offset: {offset} is free)" if offset is not None else ""
+        value = hosts[path[2]].port_offset if path[-1] == "port_offset" else port
+        out.append((path, f"{problem}: {fix.replace('{free}', free)}", value))
     return out
+
+
+def _free_offset(tunnel_ports: list[int], taken: set[int], offsets: set[int]) -> int | None:
+    """The smallest multiple of HOST_PORT_STRIDE that no host uses and that puts every route's
+    tunnel port on a valid, free port (None when there is none)."""
+    for offset in range(HOST_PORT_STRIDE, 65536, HOST_PORT_STRIDE):
+        if offset in offsets:
+            continue
+        ports = [p + offset for p in tunnel_ports]
+        if all(1024 < p <= 65535 and p not in taken for p in ports):
+            return offset
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1792,6 +1824,12 @@ def _resolve_hub(hub: Hub) -> Hub:
         if r.kind == "tunnel" and r.tunnel_port is None:
             update["tunnel_port"] = _free_port(r.port + TUNNEL_PORT_OFFSET, TUNNEL_PORT_FALLBACK_START, taken)
         routes.append(update)
+    offsets = [HOST_PORT_STRIDE * k if h.port_offset is None else h.port_offset
+               for k, h in enumerate(hub.onprem.tunnel_hosts)] or [0]
+    for r, update in zip(hub.routes, routes):  # the other hosts' ports: no derived peer port takes one
+        tunnel_port = update.get("tunnel_port", r.tunnel_port)
+        if r.kind == "tunnel" and tunnel_port is not None:
+            taken |= {tunnel_port + offset for offset in offsets}
     for r, update in zip(hub.routes, routes):
         if r.kind == "tunnel" and r.peer_port is None:
             update["peer_port"] = _free_port(r.port + PEER_PORT_OFFSET, PEER_PORT_FALLBACK_START, taken)

@@ -125,8 +125,8 @@ def test_synth_prints_the_live_change_and_that_no_proxy_is_replaced(tmp_path):
     spec.write_text(spec_with(routine))
     second = runner.invoke(main, ["synth", str(spec), "--hub", "weu", "--out", str(out), "--jobs", "1"])
     assert second.exit_code == 0, second.output
-    assert "route added: erp-mssql; key added: SHA256:2QxLEj7gmyu9+St58AXD1cmE5W5SD7mXOYrRTQ6Sjac (tunnel@second)" \
-        in second.output
+    assert ("route added: erp-mssql; key added: SHA256:2QxLEj7gmyu9+St58AXD1cmE5W5SD7mXOYrRTQ6Sjac (tunnel@second) "
+            "of tunnel host ams-tunnel-01") in second.output
     assert "applied in place by the proxies' reconcilers" in second.output
     assert "no proxy replaced or restarted" in second.output
     bigger = tmp_path / "bigger.yaml"

@@ -63,3 +63,6 @@ def test_documents_are_read_from_either_channel_and_diffed():
         ("r2",), ("r1",), ("F2 (c)",), ("F1",), (1, 2))
     assert change.describe() == "route added: r2; route changed: r1; key added: F2 (c); key removed: F1; proxies: 1 -> 2"
     assert document_of(stack(vm={**VM, "user_data": "not base64!"})) is None
+    hosts = {"version": "c", "payload": {"tunnel_keys": [{"fingerprint": "F3", "comment": "c", "host": "dc2"},
+                                                         {"fingerprint": "F4", "host": "tunnel-host"}]}}
+    assert live_config_change(old, hosts).keys_added == ("F3 (c) of tunnel host dc2", "F4")

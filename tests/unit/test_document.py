@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.helpers import MACHINE_CHANGES, ROUTINE_CHANGES, SECOND_TUNNEL_KEY, spec_text
+from tunnelhub.changes import live_config_change
 from tunnelhub.spec import load_spec, validate_text
 from tunnelhub.userdata import document as D
 from tunnelhub.userdata import render_cloud_init, render_document
@@ -121,12 +122,14 @@ def test_the_document_carries_every_live_part():
     assert [r["name"] for r in payload["routes"]] == ["inventory-mysql", "aoai"]
     assert payload["routes"][0] == {"name": "inventory-mysql", "kind": "tunnel", "port": 3306,
                                     "target": "inventory-db.corp.example:3306", "tunnel_port": 13306,
-                                    "max_connections": 1000, "idle_timeout_min": 30,
+                                    "tunnel_hosts": [{"host": "tunnel-host", "tunnel_port": 13306}],
+                                    "peer_port": 23306, "max_connections": 1000, "idle_timeout_min": 30,
                                     "probe": {"mode": "mysql", "interval_s": 2.0, "timeout_s": 2.0,
                                               "check_user": "tunnelhub_check"}}
     assert payload["peers"] == [{"slot": 0, "address": "10.70.0.16"}, {"slot": 1, "address": "10.70.0.80"}]
     assert payload["tunnel_keys"] == [{"type": "ssh-ed25519", "comment": "tunnel@onprem-tunnel-01 (example)",
-                                       "fingerprint": D.key_fingerprint(hub.onprem.tunnel_public_keys[0])}]
+                                       "fingerprint": D.key_fingerprint(hub.onprem.tunnel_public_keys[0]),
+                                       "host": "tunnel-host"}]
     assert (payload["tunnel_user"], payload["health_port"]) == ("tunnel", 8080)
 
 
@@ -170,3 +173,48 @@ def test_sizes_fit_azure_user_data_and_a_large_document_is_gzipped(monkeypatch):
     monkeypatch.setattr(D, "AZURE_USER_DATA_LIMIT_BYTES", 100)
     with pytest.raises(D.UserDataError, match="over Azure's 100-byte user data limit; fewer routes or tunnel keys"):
         document.azure_user_data()
+
+
+# ---------------------------------------------------------------------------------- several tunnel hosts
+
+
+def test_the_two_host_example_lists_every_host_in_the_route_and_key_summaries():
+    payload = render_document(load_spec(EXAMPLE).hub("weu")).payload
+    assert [(r["name"], r["tunnel_hosts"], r["peer_port"]) for r in payload["routes"]] == [
+        ("orders-mysql", [{"host": "ams-tunnel-01", "tunnel_port": 13306}, {"host": "ams-tunnel-02", "tunnel_port": 14306}],
+         23306),
+        ("billing-pg", [{"host": "ams-tunnel-01", "tunnel_port": 15432}, {"host": "ams-tunnel-02", "tunnel_port": 16432}],
+         25432)]
+    assert [(k["host"], k["comment"]) for k in payload["tunnel_keys"]] == [
+        ("ams-tunnel-01", "tunnel@ams-tunnel-01 (example)"), ("ams-tunnel-02", "tunnel@ams-tunnel-02 (example)")]
+    assert [(r["route"], r["tunnel_host"], r["tunnel_port"]) for r in payload["port_plan"]] == [
+        ("orders-mysql", "ams-tunnel-01", 13306), ("orders-mysql", "ams-tunnel-02", 14306),
+        ("billing-pg", "ams-tunnel-01", 15432), ("billing-pg", "ams-tunnel-02", 16432)]
+
+
+@pytest.mark.parametrize("name, change", [
+    ("a host's ports move", lambda h: h["onprem"]["tunnel_hosts"][1].update(port_offset=2000)),
+    ("a host is added", ROUTINE_CHANGES["add-tunnel-host"]),
+    ("a host is removed", lambda h: h["onprem"]["tunnel_hosts"].pop()),
+    ("a peer port moves", lambda h: [r.update(peer_port=30000 + k) for k, r in enumerate(h["routes"])]),
+])
+def test_a_tunnel_host_or_peer_port_change_changes_every_tunnel_routes_summary(name, change):
+    """The rollout gate compares route summaries: a change of the tunnel hosts' ports (or the
+    peer port) changes each tunnel route's listener, so each must count as changed."""
+    before = render_document(hub_of(EXAMPLE_HUBS[0]))
+    after = render_document(hub_of(changed(EXAMPLE_HUBS[0], change)))
+    diff = live_config_change(before.data, after.data)
+    assert diff.routes_changed == ("orders-mysql", "billing-pg"), name
+    reconcile.verify(after.text.encode(), settings_for(hub_of(EXAMPLE_HUBS[0])))
+
+
+def test_the_reconciler_refuses_forwarding_rules_missing_a_hosts_ports():
+    hub = load_spec(EXAMPLE).hub("weu")
+    data = json.loads(render_document(hub).text)
+    payload = data["payload"]
+    payload["sshd_tunnel_forwarding"] = payload["sshd_tunnel_forwarding"].replace(" localhost:14306 localhost:16432", "")
+    digest = hashlib.sha256(D.canonical(payload)).hexdigest()
+    data.update(checksum=f"sha256:{digest}", version=digest[:12])
+    with pytest.raises(reconcile.Refused, match="the tunnel routes need .*PermitListen localhost:13306 localhost:15432 "
+                                                "localhost:14306 localhost:16432"):
+        reconcile.verify(json.dumps(data).encode(), settings_for(hub))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SECOND_TUNNEL_KEY, spec_text
+from tests.helpers import SECOND_TUNNEL_KEY, first_host_keys, spec_text
 from tunnelhub.spec import load_spec, validate_text
 from tunnelhub.userdata import document as D
 from tunnelhub.userdata import render_document
@@ -170,7 +170,7 @@ def test_boot_writes_every_part_and_runs_nothing(proxy):
     assert oct(proxy.file("authorized_keys").stat().st_mode & 0o777) == "0o644"
     status = proxy.status()
     assert (status["state"], status["applied"]["version"], status["slot"]) == ("applied", document.version, 0)
-    assert f"APPLIED config none -> {document.version}: routes orders-mysql, billing-pg; 1 tunnel key(s)" in done.stderr
+    assert f"APPLIED config none -> {document.version}: routes orders-mysql, billing-pg; 2 tunnel key(s)" in done.stderr
 
 
 def test_boot_gives_up_at_its_deadline_and_says_why(proxy):
@@ -280,7 +280,7 @@ def test_check_and_once_exit_codes(applied):
 
 
 def _with_second_key(data: dict) -> dict:
-    data["onprem"]["tunnel_public_keys"].append(SECOND_TUNNEL_KEY)
+    first_host_keys(data).append(SECOND_TUNNEL_KEY)
     return data
 
 
@@ -301,7 +301,7 @@ def test_only_what_differs_is_rewritten_and_only_its_service_reloaded(applied):
     assert proxy.calls() == ["haproxy-reload", "health-reload"]
     assert reconciler.applied.version == new.version != good.version
 
-    data["onprem"]["tunnel_public_keys"].append(SECOND_TUNNEL_KEY)  # a new key: sshd reads keys at login
+    first_host_keys(data).append(SECOND_TUNNEL_KEY)  # a new key: sshd reads keys at login
     proxy.publish(data)
     reconciler.poll()
     reconciler.step()
@@ -323,7 +323,7 @@ def test_a_revoked_key_lists_the_sessions_to_close(applied):
     reconciler.poll()
     reconciler.step()
     proxy.calls()
-    data["onprem"]["tunnel_public_keys"] = data["onprem"]["tunnel_public_keys"][:1]
+    del first_host_keys(data)[1:]
     proxy.publish(data)
     reconciler.poll()
     reconciler.step()

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import ADMIN_KEY, HUB_VNET_ID, aws_hub, azure_hub, load_hubs, mutated, spec_errors, spec_text
+from tests.helpers import (ADMIN_KEY, HUB_VNET_ID, SECOND_TUNNEL_KEY, THIRD_TUNNEL_KEY, TUNNEL_KEY, aws_hub, azure_hub,
+                           load_hubs, mutated, spec_errors, spec_text, tunnel_hosts)
 from tunnelhub.spec import SpecError, load_spec, validate_spec, validate_text
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hubs.yaml"
@@ -417,6 +418,197 @@ def test_no_tunnel_keys_is_a_warning_not_an_error():
     report = validate_text(spec_text(azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"]})), "t.yaml")
     assert len(report.warnings) == 1
     assert "warning: no tunnel keys yet" in report.warnings[0].render("t.yaml")
+
+
+# ------------------------------------------------------------------ tunnel hosts (several on-prem hosts)
+
+DC1 = {"name": "dc1", "public_keys": [TUNNEL_KEY]}
+DC2 = {"name": "dc2", "public_keys": [SECOND_TUNNEL_KEY]}
+
+
+def two_hosts(*hosts: dict, **overrides) -> dict:
+    return azure_hub(onprem=tunnel_hosts(*(hosts or (DC1, DC2))), **overrides)
+
+
+def test_the_single_host_form_is_one_host_named_tunnel_host_at_offset_0():
+    hub = load_hubs(azure_hub()).hubs[0]
+    assert not hub.multi_host
+    [host] = hub.tunnel_hosts
+    assert (host.name, host.public_keys, host.port_offset) == ("tunnel-host", [TUNNEL_KEY], 0)
+    assert [str(c) for c in host.source_cidrs] == ["192.168.10.0/24"]  # onprem.source_cidrs
+    assert hub.all_tunnel_keys() == [("tunnel-host", TUNNEL_KEY)]
+    plan = hub.port_plan()
+    assert [(r["route"], r["tunnel_host"], r["port"], r["tunnel_port"], r["peer_port"]) for r in plan] == [
+        ("orders-mysql", "tunnel-host", 3306, 13306, 23306), ("billing-pg", "tunnel-host", 5432, 15432, 25432)]
+
+
+def test_host_k_holds_the_tunnel_port_plus_1000_k():
+    hub = load_hubs(two_hosts(DC1, DC2, {"name": "dc3", "public_keys": [THIRD_TUNNEL_KEY]})).hubs[0]
+    assert hub.multi_host and [h.port_offset for h in hub.tunnel_hosts] == [0, 1000, 2000]
+    rows = [(r["route"], r["tunnel_host"], r["tunnel_port"], r["peer_port"]) for r in hub.port_plan()]
+    assert rows == [("orders-mysql", "dc1", 13306, 23306), ("orders-mysql", "dc2", 14306, 23306),
+                    ("orders-mysql", "dc3", 15306, 23306), ("billing-pg", "dc1", 15432, 25432),
+                    ("billing-pg", "dc2", 16432, 25432), ("billing-pg", "dc3", 17432, 25432)]
+    assert hub.host_tunnel_port(hub.route("billing-pg"), "dc3") == 17432
+    assert hub.all_tunnel_keys() == [("dc1", TUNNEL_KEY), ("dc2", SECOND_TUNNEL_KEY), ("dc3", THIRD_TUNNEL_KEY)]
+
+
+def test_port_offset_overrides_the_position():
+    """Removing a host from the middle: the host after it keeps its ports with port_offset."""
+    hub = load_hubs(two_hosts(DC1, {**DC2, "port_offset": 2000})).hubs[0]
+    assert [hub.host_tunnel_port(hub.route("orders-mysql"), h) for h in hub.tunnel_hosts] == [13306, 15306]
+
+
+def test_a_forward_route_has_one_row_and_no_tunnel_host():
+    hub = load_hubs(aws_hub(onprem=tunnel_hosts(DC1, DC2, source_cidrs=("203.0.113.0/28",)))).hubs[0]
+    rows = [(r["route"], r["tunnel_host"], r["tunnel_port"], r["peer_port"]) for r in hub.port_plan()]
+    assert rows == [("inventory-mysql", "dc1", 13306, 23306), ("inventory-mysql", "dc2", 14306, 23306),
+                    ("aoai", None, None, None)]
+
+
+def test_a_host_takes_its_own_source_cidrs_inside_the_onprem_ranges():
+    hub = load_hubs(two_hosts(DC1, {**DC2, "source_cidrs": ["192.168.10.128/25"]})).hubs[0]
+    assert [[str(c) for c in h.source_cidrs] for h in hub.tunnel_hosts] == [["192.168.10.0/24"], ["192.168.10.128/25"]]
+    message = spec_errors(two_hosts(DC1, {**DC2, "source_cidrs": ["192.168.11.0/25"]}))
+    assert ("onprem.tunnel_hosts[1].source_cidrs[0] = '192.168.11.0/25': lies outside onprem.source_cidrs, the "
+            "ranges the network rules admit on port 22: add it there too, or narrow this one") in message
+
+
+def test_both_forms_at_once_are_refused():
+    hub = two_hosts()
+    hub["onprem"]["tunnel_public_keys"] = [THIRD_TUNNEL_KEY]
+    assert ("onprem.tunnel_public_keys: give the keys under onprem.tunnel_hosts[k].public_keys (one list per host) "
+            "or here (the single-host form), not both") in spec_errors(hub)
+
+
+def test_tunnel_host_names_are_unique_and_well_formed():
+    message = spec_errors(two_hosts(DC1, {**DC2, "name": "dc1"}))
+    assert ("onprem.tunnel_hosts[1].name = 'dc1': tunnel host names must be unique in a hub; tunnel_hosts[0] is "
+            "already called that") in message
+    assert "a tunnel host name must be 2-24 characters" in spec_errors(two_hosts(DC1, {**DC2, "name": "DC2"}))
+
+
+def test_peer_n_is_reserved_for_the_proxies_backup_servers():
+    message = spec_errors(two_hosts(DC1, {**DC2, "name": "peer1"}))
+    assert "onprem.tunnel_hosts[1].name = 'peer1': peer<N> is the name of the other proxies' backup servers" in message
+    assert load_hubs(two_hosts(DC1, {**DC2, "name": "peering"})).hubs[0].tunnel_hosts[1].name == "peering"
+
+
+def test_at_most_eight_tunnel_hosts():
+    hosts = [{"name": f"dc{k}"} for k in range(9)]
+    assert "onprem.tunnel_hosts" in spec_errors(two_hosts(*hosts))
+
+
+def test_a_key_is_listed_once():
+    message = spec_errors(two_hosts({**DC1, "public_keys": [TUNNEL_KEY, TUNNEL_KEY]}, DC2))
+    assert ("onprem.tunnel_hosts[0].public_keys[1] = 'tunnel@test': this key is already listed at "
+            "onprem.tunnel_hosts[0].public_keys[0]; remove the duplicate") in message
+    single = azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"], "tunnel_public_keys": [TUNNEL_KEY, TUNNEL_KEY]})
+    assert "onprem.tunnel_public_keys[1] = 'tunnel@test': this key is already listed at" in spec_errors(single)
+
+
+def test_a_key_belongs_to_one_host_only():
+    """Revoking a host removes its keys; a key shared with another host would cut that one too."""
+    renamed = TUNNEL_KEY.rsplit(" ", 1)[0] + " the-same-key@dc2"  # another comment, the same key
+    message = spec_errors(two_hosts(DC1, {**DC2, "public_keys": [SECOND_TUNNEL_KEY, renamed]}))
+    assert ("onprem.tunnel_hosts[1].public_keys[1] = 'the-same-key@dc2': this key is already tunnel host 'dc1''s "
+            "(onprem.tunnel_hosts[0].public_keys[0]): each host needs its own key") in message
+
+
+def test_a_host_without_keys_is_a_warning_naming_its_package():
+    report = validate_text(spec_text(two_hosts(DC1, {"name": "dc2"})), "t.yaml")
+    [warning] = [w.render("t.yaml") for w in report.warnings]
+    assert ("onprem.tunnel_hosts[1].public_keys: warning: tunnel host 'dc2' has no key yet, so the proxies refuse "
+            "its tunnels; install its package (onprem build-deb --tunnel-host dc2)") in warning
+
+
+def test_two_hosts_cannot_share_a_port_offset():
+    message = spec_errors(two_hosts(DC1, {**DC2, "port_offset": 0}))
+    assert ("onprem.tunnel_hosts[1].port_offset = 0: tunnel_hosts[0] already uses port offset 0: two hosts cannot "
+            "hold the same loopback ports; give this host another port_offset") in message
+    three = two_hosts(DC1, {**DC2, "port_offset": 2000}, {"name": "dc3", "public_keys": [THIRD_TUNNEL_KEY]})
+    assert "onprem.tunnel_hosts[2].port_offset = 2000: tunnel_hosts[1] already uses port offset 2000" in spec_errors(three)
+    assert "port_offset" in spec_errors(two_hosts(DC1, {**DC2, "port_offset": -1000}))
+
+
+def test_a_host_port_on_another_routes_tunnel_port_is_refused_with_a_free_offset():
+    """PostgreSQL on 5432 and its pgbouncer on 6432: host dc2's 15432 + 1000 is the bouncer's 16432."""
+    routes = [{"name": "pg", "kind": "tunnel", "port": 5432, "target": "db:5432"},
+              {"name": "bouncer", "kind": "tunnel", "port": 6432, "target": "db:6432"}]
+    message = spec_errors(two_hosts(routes=routes))
+    assert ("onprem.tunnel_hosts[1].port_offset = 1000: tunnel host dc2's tunnel for route pg would be port 16432, "
+            "which tunnel host dc1's tunnel for route bouncer already uses on every proxy: give tunnel_hosts[1] "
+            "another port_offset (port_offset: 2000 is free), or routes[0] another tunnel_port") in message
+    assert "(1 problem)" in message  # one message per host, not one per colliding port
+    hub = load_hubs(two_hosts(DC1, {**DC2, "port_offset": 2000}, routes=routes)).hubs[0]
+    assert [r["tunnel_port"] for r in hub.port_plan()] == [15432, 17432, 16432, 18432]
+
+
+def test_a_host_port_on_a_frontend_port_is_refused():
+    routes = [{"name": "orders-mysql", "kind": "tunnel", "port": 3306, "target": "db:3306"},
+              {"name": "api", "kind": "tunnel", "port": 14306, "target": "api:443", "tunnel_port": 30000}]
+    assert ("onprem.tunnel_hosts[1].port_offset = 1000: tunnel host dc2's tunnel for route orders-mysql would be port "
+            "14306, which route api's frontend already uses on every proxy") in spec_errors(two_hosts(routes=routes))
+
+
+def test_a_host_port_out_of_range_is_refused():
+    message = spec_errors(two_hosts(DC1, {**DC2, "port_offset": 55000}))
+    assert ("onprem.tunnel_hosts[1].port_offset = 55000: gives tunnel host dc2's tunnel for route orders-mysql port "
+            "68306, outside 1025-65535") in message
+
+
+def test_the_first_hosts_explicit_offset_is_checked_like_any_other():
+    """Any host may hold offset 0 (the routes' own tunnel ports); a first host moved off it is
+    checked like the others, and a later host at offset 0 is not taken for a collision."""
+    hub = load_hubs(two_hosts({**DC1, "port_offset": 1000}, {**DC2, "port_offset": 0})).hubs[0]
+    assert [r["tunnel_port"] for r in hub.port_plan()][:2] == [14306, 13306]
+    message = spec_errors(two_hosts({**DC1, "port_offset": 60000}, DC2))
+    assert "onprem.tunnel_hosts[0].port_offset = 60000: gives tunnel host dc1's tunnel for route orders-mysql port 73306" in message
+
+
+def test_peer_ports_are_derived_valid_and_unique():
+    hub = load_hubs(azure_hub(routes=[
+        {"name": "a1", "kind": "tunnel", "port": 3306, "target": "db:3306"},
+        {"name": "b1", "kind": "tunnel", "port": 3307, "target": "db:3306", "peer_port": 23306},
+        {"name": "c1", "kind": "tunnel", "port": 50000, "target": "db:3306"},
+    ])).hubs[0]
+    # a1 prefers 23306, which b1 sets: the first free from 40000; c1's preference 70000 is out of range.
+    assert [r.peer_port for r in hub.routes] == [40000, 23306, 40001]
+    assert hub.forward_routes == [] and all(r.peer_port is not None for r in hub.tunnel_routes)
+
+
+def test_a_derived_peer_port_avoids_every_hosts_ports():
+    """dc2 at offset 10000 holds 13306 + 10000 = 23306 and 15432 + 10000 = 25432, the routes'
+    preferred peer ports: both take the first free from 40000."""
+    hub = load_hubs(two_hosts(DC1, {**DC2, "port_offset": 10000})).hubs[0]
+    assert [r.peer_port for r in hub.routes] == [40000, 40001]
+    single = load_hubs(azure_hub()).hubs[0]
+    assert single.route("billing-pg").peer_port == 25432
+
+
+@pytest.mark.parametrize("peer_port, fragment", [
+    (1024, "routes[0].peer_port = 1024: peer ports must be above 1024 (and at most 65535)"),
+    (5432, "routes[0].peer_port = 5432: route orders-mysql's peer path would be port 5432, which route billing-pg's "
+           "frontend already uses on every proxy: set routes[0].peer_port to a free port"),
+    (15432, "which tunnel host dc1's tunnel for route billing-pg already uses"),
+    (16432, "which tunnel host dc2's tunnel for route billing-pg already uses"),
+    (8080, "which the health endpoint already uses"),
+])
+def test_peer_port_collisions_are_refused(peer_port, fragment):
+    hub = mutated(two_hosts(), lambda h: (h["routes"][0].update(peer_port=peer_port),
+                                          h["routes"][1].update(tunnel_port=15432)))
+    assert fragment in spec_errors(hub)
+
+
+def test_a_derived_tunnel_port_avoids_an_explicit_peer_port():
+    hub = load_hubs(mutated(two_hosts(), lambda h: h["routes"][0].update(peer_port=15432))).hubs[0]
+    assert [(r.tunnel_port, r.peer_port) for r in hub.routes] == [(13306, 15432), (20000, 25432)]
+
+
+def test_two_routes_cannot_share_a_peer_port():
+    hub = mutated(two_hosts(), lambda h: [r.update(peer_port=30000) for r in h["routes"]])
+    assert ("routes[1].peer_port = 30000: route billing-pg's peer path would be port 30000, which route "
+            "orders-mysql's peer path already uses") in spec_errors(hub)
 
 
 # ------------------------------------------------------------------ databricks

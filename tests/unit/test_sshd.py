@@ -8,7 +8,8 @@ clients: the allowed ``-R localhost:P:...`` carries traffic, and so does ``-L`` 
 endpoint, ``127.0.0.1:<health_port>`` exactly (the on-prem status command reads route health
 through its tunnel); another port, ``-R 127.0.0.1:P``, a command, a PTY, any other ``-L`` (another
 port, ``localhost:<health_port>``, another address) and a connection from outside
-``onprem.source_cidrs`` are refused.
+``onprem.source_cidrs`` are refused. With two tunnel hosts, each host's key ``-R``s its own ports and
+is refused the other's (while the other holds them), and logs in only from its own source range.
 
 The rules, from OpenSSH's manuals (9.2, Debian 12): sshd(8), AUTHORIZED_KEYS FILE FORMAT:
 ``permitopen="host:port"`` "Limit local port forwarding with ssh(1) -L such that it may only
@@ -428,3 +429,173 @@ def test_every_other_local_forward_is_refused_and_the_session_survives_it(health
         stop(client)
     stop(sshd)
     assert refused_local_forward(*target.rsplit(":", 1), sshd.stderr.read())
+
+
+# ---------------------------------------------------------------------------------- two tunnel hosts
+
+
+def free_ports_with_offset(count: int) -> tuple[list[int], int]:
+    """``count`` free loopback ports and an offset that puts ``count`` more free ports beside
+    them (host B's: each of host A's ports plus the offset), as a 2-host hub's plan needs."""
+    for _ in range(50):
+        base = [free_port() for _ in range(count)]
+        for offset in range(1000, 20000, 1000):
+            moved = [p + offset for p in base]
+            if max(moved) > 65535:
+                break
+            try:
+                for p in moved:
+                    with socket.socket() as sock:
+                        sock.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            return base, offset
+    raise AssertionError("no free ports for two tunnel hosts")
+
+
+@dataclass
+class TwoHosts:
+    config: Path
+    authorized_keys: Path
+    hosts: dict[str, SshdSetup]
+    """Per tunnel host, an :class:`SshdSetup` whose client key is that host's key."""
+    ports: dict[str, list[int]]
+    """Per tunnel host, its loopback port of each route (the hub's port plan)."""
+    source: dict[str, str]
+    """Per tunnel host, the loopback address its connections come from (its ``source_cidrs``)."""
+
+
+@pytest.fixture
+def two_hosts(tunnel_user):
+    """A 2-host hub (A from 127.0.0.1, B from 127.0.0.2; routes db0, db1), its rendered drop-in,
+    forwarding rules and authorized_keys, on Debian's sshd_config."""
+    workdir = Path(tempfile.mkdtemp(prefix="udsshd2-", dir="/run"))
+    workdir.chmod(0o755)
+    try:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(workdir / "host_key")], check=True)
+        keys = {}
+        for name in ("a", "b"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"tunnel@host-{name}",
+                            "-f", str(workdir / f"key_{name}")], check=True)
+            keys[name] = (workdir / f"key_{name}.pub").read_text().strip()
+        tunnel_ports, offset = free_ports_with_offset(2)
+        health_port = free_port()
+        routes = [{"name": f"db{i}", "kind": "tunnel", "port": 3306 + i, "target": f"db{i}.corp.example:3306",
+                   "tunnel_port": port, "type": "mysql"} for i, port in enumerate(tunnel_ports)]
+        hub = load_hubs(aws_hub(routes=routes, proxies={"health_port": health_port}, onprem={
+            "source_cidrs": ["127.0.0.0/8"], "tunnel_user": TUNNEL_USER, "tunnel_hosts": [
+                {"name": "host-a", "public_keys": [keys["a"]], "source_cidrs": ["127.0.0.1/32"]},
+                {"name": "host-b", "public_keys": [keys["b"]], "source_cidrs": ["127.0.0.2/32"], "port_offset": offset},
+            ]})).hubs[0]
+        ports = {h.name: [hub.host_tunnel_port(r, h) for r in hub.tunnel_routes] for h in hub.tunnel_hosts}
+        assert ports == {"host-a": tunnel_ports, "host-b": [p + offset for p in tunnel_ports]}
+        (workdir / "sshd_config.d").mkdir()
+        authorized_keys = workdir / "authorized_keys"
+        forwarding = workdir / "tunnel-forwarding.conf"
+        dropin = workdir / "sshd_config.d" / "10-tunnelhub.conf"
+        dropin.write_text(R.sshd_dropin(hub).replace(R.tunnel_authorized_keys_path(hub), str(authorized_keys))
+                          .replace(L.SSHD_TUNNEL_FORWARDING_PATH, str(forwarding)))
+        authorized_keys.write_text(D.tunnel_authorized_keys(hub))
+        authorized_keys.chmod(0o644)
+        forwarding.write_text(D.sshd_tunnel_forwarding(hub))
+        main = DEBIAN_SSHD_CONFIG.read_text() if DEBIAN_SSHD_CONFIG.exists() else (
+            "Include /etc/ssh/sshd_config.d/*.conf\nUsePAM yes\nX11Forwarding yes\n")
+        main = main.replace("Include /etc/ssh/sshd_config.d/*.conf", f"Include {workdir}/sshd_config.d/*.conf")
+        config = workdir / "sshd_config"
+        config.write_text(main + f"\nHostKey {workdir / 'host_key'}\nPidFile {workdir / 'sshd.pid'}\n")
+        Path("/run/sshd").mkdir(exist_ok=True)
+        hosts = {name: SshdSetup(workdir, config, dropin, authorized_keys, forwarding, workdir / f"key_{name[-1]}",
+                                 keys[name[-1]], ports[name], health_port) for name in ("host-a", "host-b")}
+        yield TwoHosts(config, authorized_keys, hosts, ports, {"host-a": "127.0.0.1", "host-b": "127.0.0.2"})
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def two_running(two_hosts):
+    port = free_port()
+    sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(two_hosts.config), "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    banners = {name: Banner(line=f"hello from the database, via {name}\n".encode()) for name in two_hosts.hosts}
+    try:
+        assert wait_listening(port, 10), "sshd did not start"
+        yield two_hosts, port, banners, sshd
+    finally:
+        for banner in banners.values():
+            banner.close()
+        stop(sshd)
+
+
+def host_ssh(two: TwoHosts, host: str, port: int, *options: str, source: str | None = None) -> list[str]:
+    """``ssh`` as tunnel host ``host`` (its key), from its own address unless ``source`` says otherwise."""
+    return ssh(two.hosts[host], port, "-b", source or two.source[host], *options)
+
+
+def test_two_hosts_sshd_permits_every_hosts_ports_and_each_key_its_own(two_hosts):
+    """The Match block's PermitListen is the union; each key line lists its own host's ports."""
+    got = effective(two_hosts.config, TUNNEL_USER)
+    union = two_hosts.ports["host-a"] + two_hosts.ports["host-b"]
+    assert got["permitlisten"] == " ".join(f"localhost:{p}" for p in union)
+    lines = [ln for ln in two_hosts.authorized_keys.read_text().splitlines() if ln and not ln.startswith("#")]
+    for line, host in zip(lines, ("host-a", "host-b"), strict=True):
+        assert re.findall(r'permitlisten="localhost:(\d+)"', line) == [str(p) for p in two_hosts.ports[host]]
+        assert f'from="{two_hosts.source[host]}/32"' in line and line.endswith(two_hosts.hosts[host].client_public)
+
+
+def test_each_host_forwards_its_own_ports_and_is_refused_the_others(two_running):
+    """Host A's key ``-R``s its own ports and is refused host B's, while B holds them, and the
+    other way round; sshd logs the refusal with the port. One tunnel host cannot take over (or
+    block) another's listener.
+
+    OpenSSH 9.2: sshd(8), AUTHORIZED_KEYS FILE FORMAT, ``permitlisten="[host:]port"``: "Limit
+    remote port forwarding with the ssh(1) -R option such that it may only listen on the
+    specified host (optional) and port"; sshd_config(5) ``PermitListen``: "Specifies the addresses/
+    ports on which a remote TCP port forwarding may listen" (both must permit a listen: the key's
+    list narrows the Match block's union of every host's ports). The refusal is channels.c
+    ``channel_setup_remote_fwd_listener`` -> ``check_rfwd_permission``: "Received request from
+    <addr> port <p> to remote forward to host localhost port <P>, but the request was denied."
+    """
+    two, port, banners, sshd = two_running
+    sessions = {}
+    try:
+        for host in ("host-a", "host-b"):
+            forwards = [x for p in two.ports[host] for x in ("-R", f"localhost:{p}:127.0.0.1:{banners[host].port}")]
+            sessions[host] = subprocess.Popen(host_ssh(two, host, port, "-N", *forwards), stderr=subprocess.PIPE,
+                                              text=True)
+        for host in ("host-a", "host-b"):
+            for p in two.ports[host]:
+                assert wait_listening(p, 15), f"{host} did not get its port {p}"
+                assert read_line(p) == f"hello from the database, via {host}\n".encode()
+        for host, other in (("host-a", "host-b"), ("host-b", "host-a")):
+            theirs = two.ports[other][0]
+            done = subprocess.run(host_ssh(two, host, port, "-N", "-R", f"localhost:{theirs}:127.0.0.1:1"),
+                                  capture_output=True, text=True, timeout=20)
+            assert done.returncode != 0
+            assert f"remote port forwarding failed for listen port {theirs}" in done.stderr
+            assert read_line(theirs) == f"hello from the database, via {other}\n".encode(), "the owner still serves it"
+            assert sessions[other].poll() is None
+    finally:
+        for session in sessions.values():
+            stop(session)
+    stop(sshd)
+    log = sshd.stderr.read()
+    for host, other in (("host-a", "host-b"), ("host-b", "host-a")):
+        assert re.search(rf"Received request from {re.escape(two.source[host])} port \d+ to remote forward to host "
+                         rf"localhost port {two.ports[other][0]}, but the request was denied", log), log
+
+
+def test_a_hosts_key_is_refused_from_another_hosts_address(two_running):
+    """``from=`` is the key's own host's source_cidrs: host A's key from host B's address (and the
+    other way round) does not log in at all. sshd(8), AUTHORIZED_KEYS FILE FORMAT,
+    ``from="pattern-list"``; the refusal is auth2-pubkeyfile.c's "Authentication tried for <user>
+    with correct key but not from a permitted host (host=..., ip=..., required=...)"."""
+    two, port, banners, sshd = two_running
+    for host, other in (("host-a", "host-b"), ("host-b", "host-a")):
+        done = subprocess.run(host_ssh(two, host, port, "-N", "-R", f"localhost:{two.ports[host][0]}:127.0.0.1:1",
+                                       source=two.source[other]), capture_output=True, text=True, timeout=20)
+        assert done.returncode != 0 and "Permission denied" in done.stderr, done.stderr
+    stop(sshd)
+    log = sshd.stderr.read()
+    for host, other in (("host-a", "host-b"), ("host-b", "host-a")):
+        assert (f"with correct key but not from a permitted host (host={two.source[other]}, ip={two.source[other]}, "
+                f"required={two.source[host]}/32)") in log, log

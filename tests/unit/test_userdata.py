@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ADMIN_KEY, TUNNEL_KEY, aws_hub, azure_hub, load_hubs
+from tests.helpers import ADMIN_KEY, SECOND_TUNNEL_KEY, TUNNEL_KEY, aws_hub, azure_hub, load_hubs
 from tunnelhub.spec import load_spec
 from tunnelhub.userdata import (
     AWS_SLOT_TAG,
@@ -492,7 +492,9 @@ def test_sshd_dropin_lines(hub, slot, ud):
         "ForceCommand /usr/sbin/nologin", "AllowAgentForwarding no", "AllowStreamLocalForwarding no",
         "X11Forwarding no", "PermitTunnel no", "PermitUserRC no",
     ]
-    ports = " ".join(f"localhost:{r.tunnel_port}" for r in hub.tunnel_routes)
+    ports = " ".join(f"localhost:{hub.host_tunnel_port(r, h)}" for h in hub.tunnel_hosts for r in hub.tunnel_routes)
+    assert ports == {"weu": "localhost:13306 localhost:15432 localhost:14306 localhost:16432",
+                     "use": "localhost:13306"}[hub.name]  # every tunnel host's ports, host by host
     forwarding = [ln for ln in D.sshd_tunnel_forwarding(hub).splitlines() if not ln.startswith("#")]
     assert forwarding == ["AllowTcpForwarding yes", f"PermitListen {ports}",
                           f"PermitOpen 127.0.0.1:{hub.proxies.health_port}"]
@@ -500,15 +502,42 @@ def test_sshd_dropin_lines(hub, slot, ud):
 
 @pytest.mark.parametrize("hub", load_spec(EXAMPLE).hubs, ids=lambda h: h.name)
 def test_authorized_keys_options(hub):
+    """Each key under its own host's options: -R to that host's ports only, from its source ranges."""
     text = D.render_document(hub).payload["authorized_keys"]
     keys = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert len(keys) == len(hub.onprem.tunnel_public_keys)
-    listen = ",".join(f'permitlisten="localhost:{r.tunnel_port}"' for r in hub.tunnel_routes)
-    cidrs = ",".join(str(c) for c in hub.onprem.source_cidrs)
-    for line, key in zip(keys, hub.onprem.tunnel_public_keys, strict=True):
+    assert len(keys) == len(hub.all_tunnel_keys()) == {"weu": 2, "use": 1}[hub.name]
+    for line, (host, key) in zip(keys, hub.all_tunnel_keys(), strict=True):
+        h = hub.tunnel_host(host)
+        listen = ",".join(f'permitlisten="localhost:{hub.host_tunnel_port(r, h)}"' for r in hub.tunnel_routes)
+        cidrs = ",".join(str(c) for c in h.source_cidrs)
         opens = f'permitopen="127.0.0.1:{hub.proxies.health_port}"'  # the health endpoint, for the status command
         assert line == f'restrict,port-forwarding,{listen},{opens},command="/usr/sbin/nologin",from="{cidrs}" {key}'
         assert line.count("permitopen") == 1  # permitopen="none" is invalid and voids the key
+    if hub.multi_host:  # each host's block is named; the single-host form renders as it always did
+        assert [ln for ln in text.splitlines() if ln.startswith("# tunnel host ")] == [
+            "# tunnel host ams-tunnel-01 (onprem.tunnel_hosts[0])", "# tunnel host ams-tunnel-02 (onprem.tunnel_hosts[1])"]
+    else:
+        assert "# tunnel host" not in text and len(text.splitlines()) == 6
+
+
+def test_authorized_keys_of_two_hosts_with_their_own_ranges_and_one_without_keys():
+    hub = load_hubs(azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"], "tunnel_hosts": [
+        {"name": "dc1", "public_keys": [TUNNEL_KEY]},
+        {"name": "dc2", "public_keys": [SECOND_TUNNEL_KEY], "source_cidrs": ["192.168.10.128/25"]},
+        {"name": "dc3"}]})).hubs[0]
+    lines = D.tunnel_authorized_keys(hub).splitlines()[7:]
+    assert lines == [
+        "# tunnel host dc1 (onprem.tunnel_hosts[0])",
+        'restrict,port-forwarding,permitlisten="localhost:13306",permitlisten="localhost:15432",'
+        f'permitopen="127.0.0.1:8080",command="/usr/sbin/nologin",from="192.168.10.0/24" {TUNNEL_KEY}',
+        "# tunnel host dc2 (onprem.tunnel_hosts[1])",
+        'restrict,port-forwarding,permitlisten="localhost:14306",permitlisten="localhost:16432",'
+        f'permitopen="127.0.0.1:8080",command="/usr/sbin/nologin",from="192.168.10.128/25" {SECOND_TUNNEL_KEY}',
+        "# tunnel host dc3 (onprem.tunnel_hosts[2])",
+        "# (no keys for tunnel host dc3 yet: add onprem.tunnel_hosts[2].public_keys and deploy again)"]
+    assert D.permit_listen(hub) == [f"localhost:{p}" for p in (13306, 15432, 14306, 16432, 15306, 17432)]
+    assert D.sshd_tunnel_forwarding(hub).endswith(
+        "PermitListen localhost:13306 localhost:15432 localhost:14306 localhost:16432 localhost:15306 localhost:17432\nPermitOpen 127.0.0.1:8080\n")
 
 
 def test_authorized_keys_without_tunnel_routes_or_keys():

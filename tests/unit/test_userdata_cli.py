@@ -75,6 +75,7 @@ def test_render_config_prints_the_document_and_its_version(tmp_path):
     document = render_document(load_spec(EXAMPLE).hub("weu"))
     assert result.stdout == document.text and json.loads(result.stdout)["version"] == document.version
     assert f"configuration document {document.version}" in result.stderr and "Azure user_data" in result.stderr
+    assert "2 route(s), 2 tunnel key(s) of 2 tunnel host(s)" in result.stderr
     out = tmp_path / "doc.json"
     assert CliRunner().invoke(main, ["render-config", str(EXAMPLE), "--hub", "use", "--out", str(out)]).exit_code == 0
     assert json.loads(out.read_text())["hub"] == "use"

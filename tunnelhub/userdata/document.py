@@ -33,7 +33,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tunnelhub.spec import Hub, Route
+from tunnelhub.spec import Hub, Route, TunnelHost
 from tunnelhub.userdata import layout as L
 from tunnelhub.userdata.render import (
     DNS_HOLD_VALID_S,
@@ -105,8 +105,8 @@ def render_document(hub: Hub) -> HubDocument:
         "health": health_config(hub),
         "authorized_keys": tunnel_authorized_keys(hub),
         "sshd_tunnel_forwarding": sshd_tunnel_forwarding(hub),
-        "routes": [{"name": r.name, **route_summary(r)} for r in hub.routes],
-        "tunnel_keys": [key_summary(k) for k in hub.onprem.tunnel_public_keys],
+        "routes": [{"name": r.name, **route_summary(hub, r)} for r in hub.routes],
+        "tunnel_keys": [key_summary(k, host) for host, k in hub.all_tunnel_keys()],
         "peers": [{"slot": slot, "address": address} for slot, address in enumerate(peer_addresses(hub))],
         "port_plan": [{k: v for k, v in row.items() if v is not None} for row in hub.port_plan()],
     }
@@ -133,9 +133,18 @@ def peer_addresses(hub: Hub) -> list[str]:
     return [str(ip) for ip in hub.aws_addresses().slot_private_ips]
 
 
+def host_permit_listen(hub: Hub, host: TunnelHost) -> list[str]:
+    """``localhost:<port>`` per tunnel route for one tunnel host: the listen addresses its ``-R``
+    use (``Hub.host_tunnel_port``), and the only ones its keys may listen on (``permitlisten``)."""
+    return [f"localhost:{hub.host_tunnel_port(r, host)}" for r in hub.tunnel_routes]
+
+
 def permit_listen(hub: Hub) -> list[str]:
-    """``localhost:<tunnel_port>`` per tunnel route: the listen address the on-prem ``-R`` uses."""
-    return [f"localhost:{r.tunnel_port}" for r in hub.tunnel_routes]
+    """sshd's ``PermitListen`` for the tunnel user: every tunnel host's listen addresses, host by
+    host in spec order (one host: ``localhost:<tunnel_port>`` per tunnel route). Each key's
+    ``permitlisten=`` narrows it to its own host's (sshd applies both: sshd_config(5)
+    ``PermitListen``, sshd(8) AUTHORIZED_KEYS FILE FORMAT ``permitlisten``)."""
+    return [p for h in hub.tunnel_hosts for p in host_permit_listen(hub, h)]
 
 
 def permit_open(hub: Hub) -> str:
@@ -151,23 +160,30 @@ def sshd_tunnel_forwarding(hub: Hub) -> str:
         permit_listen=permit_listen(hub), permit_open=permit_open(hub))
 
 
-def authorized_keys_options(hub: Hub) -> str:
-    """The options in front of every tunnel key (the on-prem key may do nothing else)."""
+def authorized_keys_options(hub: Hub, host: TunnelHost | None = None) -> str:
+    """The options in front of every key of tunnel host ``host`` (default: the hub's first host):
+    ``-R`` to that host's own ports only, ``-L`` to the health endpoint only, no command, and only
+    from that host's ``source_cidrs``. One host cannot listen on another's ports."""
+    h = host if host is not None else hub.tunnel_hosts[0]
     options = ["restrict"]
-    listen = permit_listen(hub)
+    listen = host_permit_listen(hub, h)
     if listen:
         options.append("port-forwarding")
         options += [f'permitlisten="{p}"' for p in listen]
         options.append(f'permitopen="{permit_open(hub)}"')
     options.append(f'command="{L.NOLOGIN}"')
-    options.append('from="' + ",".join(str(c) for c in hub.onprem.source_cidrs) + '"')
+    options.append('from="' + ",".join(str(c) for c in h.source_cidrs) + '"')
     return ",".join(options)
 
 
 def tunnel_authorized_keys(hub: Hub) -> str:
+    """The tunnel user's ``authorized_keys``: every host's keys, each under its host's options. A
+    hub written in the single-host form (``onprem.tunnel_public_keys``) renders as it did before
+    several hosts were possible (no host comment lines)."""
+    hosts = [{"name": h.name, "index": k, "options": authorized_keys_options(hub, h), "public_keys": list(h.public_keys)}
+             for k, h in enumerate(hub.tunnel_hosts)]
     return environment().get_template("authorized_keys.j2").render(
-        tunnel_user=hub.onprem.tunnel_user, options=authorized_keys_options(hub),
-        keys=list(hub.onprem.tunnel_public_keys),
+        tunnel_user=hub.onprem.tunnel_user, multi_host=hub.multi_host, hosts=hosts,
     )
 
 
@@ -177,17 +193,23 @@ def key_fingerprint(public_key: str) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
 
 
-def key_summary(public_key: str) -> dict[str, str]:
+def key_summary(public_key: str, host: str | None = None) -> dict[str, str]:
+    """A tunnel key as the reconciler and the synth report see it: type, fingerprint, comment,
+    and the tunnel host it belongs to."""
     parts = public_key.split(None, 2)
     summary = {"type": parts[0], "fingerprint": key_fingerprint(public_key)}
     if len(parts) > 2:
         summary["comment"] = parts[2]
+    if host is not None:
+        summary["host"] = host
     return summary
 
 
-def route_summary(route: Route) -> dict[str, Any]:
+def route_summary(hub: Hub, route: Route) -> dict[str, Any]:
     """Everything about one route that its listener or its check depends on: two documents'
-    summaries differ exactly when the route changed (the rollout gate compares these)."""
+    summaries differ exactly when the route changed (the rollout gate compares these). A tunnel
+    route lists every tunnel host's loopback port (``tunnel_hosts``) and its ``peer_port``, so a
+    host added, removed or moved to other ports changes the route."""
     summary: dict[str, Any] = {
         "kind": route.kind, "port": route.port, "target": route.target,
         "max_connections": route.max_connections, "idle_timeout_min": route.idle_timeout_min,
@@ -195,6 +217,10 @@ def route_summary(route: Route) -> dict[str, Any]:
     }
     if route.tunnel_port is not None:
         summary["tunnel_port"] = route.tunnel_port
+        summary["tunnel_hosts"] = [{"host": h.name, "tunnel_port": hub.host_tunnel_port(route, h)}
+                                   for h in hub.tunnel_hosts]
+    if route.peer_port is not None:
+        summary["peer_port"] = route.peer_port
     return summary
 
 

@@ -511,11 +511,32 @@ def check_tunnel_keys(payload: dict[str, Any], health_port: int) -> None:
         raise Refused(f"authorized_keys holds keys {found}, the key summary lists {listed}")
 
 
+def tunnel_listen_ports(routes: dict[str, dict]) -> list[int]:
+    """Every tunnel host's loopback port of every tunnel route (``tunnel_hosts`` of the route
+    summaries), host by host in the order the hosts are listed: what sshd's ``PermitListen``
+    must name. A summary without ``tunnel_hosts`` (one host) holds its ``tunnel_port``."""
+    by_host: dict[str, list[int]] = {}
+    for name, r in routes.items():
+        if r["kind"] != "tunnel":
+            continue
+        hosts = r.get("tunnel_hosts")
+        if hosts is None:
+            hosts = [{"host": "", "tunnel_port": r.get("tunnel_port")}]
+        if not isinstance(hosts, list) or not hosts or not all(
+                isinstance(h, dict) and isinstance(h.get("host"), str) and isinstance(h.get("tunnel_port"), int)
+                and not isinstance(h.get("tunnel_port"), bool) for h in hosts):
+            raise Refused(f"payload.routes: route {name!r} has no valid tunnel_hosts [{{host, tunnel_port}}]")
+        for h in hosts:
+            by_host.setdefault(h["host"], []).append(h["tunnel_port"])
+    return [port for ports in by_host.values() for port in ports]
+
+
 def check_forwarding(text: str, routes: dict[str, dict], health_port: int) -> None:
-    """-R to the tunnel routes' ports only; -L (with tunnel routes) to this proxy's health endpoint
-    on 127.0.0.1 only, which the tunnel hosts' status command reads through the tunnel."""
+    """-R to the tunnel hosts' ports of the tunnel routes only; -L (with tunnel routes) to this
+    proxy's health endpoint on 127.0.0.1 only, which the tunnel hosts' status command reads
+    through the tunnel."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    ports = [r["tunnel_port"] for r in routes.values() if r["kind"] == "tunnel" and isinstance(r.get("tunnel_port"), int)]
+    ports = tunnel_listen_ports(routes)
     want_listen = " ".join(f"localhost:{p}" for p in ports) if ports else "none"
     want = [f"AllowTcpForwarding {'yes' if ports else 'no'}", f"PermitListen {want_listen}",
             f"PermitOpen {f'127.0.0.1:{health_port}' if ports else 'none'}"]
