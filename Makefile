@@ -20,7 +20,8 @@ TEST_DEBS := openssh-server openssh-client autossh haproxy socat mariadb-server 
              systemd-container
 
 # The example on-prem packages: `make synth` builds them the way a user would after deploy, from
-# the example stack outputs. With another SPEC, name its hubs and outputs file (or leave empty).
+# the example stack outputs, one per tunnel host of each hub (weu has two). With another SPEC, name
+# its hubs and outputs file (or leave empty).
 ifeq ($(SPEC),examples/hubs.yaml)
 ONPREM_HUBS ?= weu use
 endif
@@ -29,7 +30,7 @@ ONPREM_OUTPUTS ?= examples/outputs.json
 .PHONY: synth test bench lab boot venv venv-test debs clean help
 
 help:
-	@echo "make synth   synthesize every example stack into $(OUT)/ (and build the example .deb)"
+	@echo "make synth   synthesize every example stack into $(OUT)/ (and build the example .debs, one per tunnel host)"
 	@echo "make test    install test dependencies (venv + Debian packages) and run the test suite"
 	@echo "make bench   run the benchmarks under bench/ and print their numbers"
 	@echo "make lab     run the end-to-end network-namespace lab alone and print its report"
@@ -73,7 +74,7 @@ debs:
 synth: $(VENV)/.base-installed
 	$(VENV)/bin/tunnelhub synth $(SPEC) --out $(OUT)
 	@set -e; for hub in $(ONPREM_HUBS); do \
-	  $(VENV)/bin/tunnelhub onprem build-deb $(SPEC) --hub $$hub --outputs $(ONPREM_OUTPUTS) --out $(DIST); \
+	  $(VENV)/bin/tunnelhub onprem build-deb $(SPEC) --hub $$hub --all-tunnel-hosts --outputs $(ONPREM_OUTPUTS) --out $(DIST); \
 	done
 
 test: $(VENV)/.test-installed $(VENV)-checkov/.installed debs

@@ -430,8 +430,12 @@ def onprem() -> None:
     "--version",
     "package_version",
     metavar="V",
-    help="The package version (default: <tunnelhub version>+<inputs date>.<content digest>-1).",
+    help="The package version (default: <tunnelhub version>+<inputs date>.<content digest>-1); on a hub with "
+         "onprem.tunnel_hosts, +<tunnel host> ends its upstream part.",
 )
+@click.option("--tunnel-host", "tunnel_host", metavar="NAME",
+              help="The tunnel host to build for (onprem.tunnel_hosts[].name); required when the hub has several.")
+@click.option("--all-tunnel-hosts", is_flag=True, help="Build one package per tunnel host of the hub.")
 def build_deb(
     spec: Path | None,
     hub_name: str | None,
@@ -439,28 +443,49 @@ def build_deb(
     out: Path,
     trust_on_first_use: bool,
     package_version: str | None,
+    tunnel_host: str | None,
+    all_tunnel_hosts: bool,
 ) -> None:
-    """Build tunnelhub-<hub>_<version>_all.deb for the hub's on-prem tunnel host."""
+    """Build tunnelhub-<hub>_<version>_all.deb for one on-prem tunnel host of the hub.
+
+    A hub with several tunnel hosts (onprem.tunnel_hosts) gets one package per host: name it with
+    --tunnel-host NAME, or build them all with --all-tunnel-hosts. Each package holds that host's
+    own ports; its postinst prints the key to add under that host's public_keys.
+    """
     from tunnelhub import onprem as O
 
     spec_path = spec if spec is not None else default_spec_path()
     hub = pick_hub(load(spec_path), hub_name)
+    names = [h.name for h in hub.tunnel_hosts]
+    if all_tunnel_hosts and tunnel_host is not None:
+        raise click.UsageError("give --tunnel-host NAME or --all-tunnel-hosts, not both")
+    if tunnel_host is not None and tunnel_host not in names:
+        raise click.BadParameter(f"hub {hub.name} has no tunnel host named {tunnel_host!r}; its tunnel hosts: "
+                                 + ", ".join(names), param_hint="--tunnel-host")
+    if tunnel_host is None and not all_tunnel_hosts and len(names) > 1:
+        raise click.UsageError(f"hub {hub.name} has {len(names)} tunnel hosts ({', '.join(names)}), one package "
+                               "each: choose one with --tunnel-host NAME, or build them all with --all-tunnel-hosts")
+    hosts = names if all_tunnel_hosts else [tunnel_host]
     try:
         stack_outputs = O.read_outputs(outputs, hub.stack_name) if outputs is not None else None
-        built = O.build_deb(
-            hub,
-            stack_outputs,
-            out,
-            trust_on_first_use=trust_on_first_use,
-            version=package_version,
-            source_date_epoch=O.inputs_epoch(spec_path, outputs),
-        )
+        for host in hosts:  # every plan first: a spec or outputs problem writes nothing
+            O.plan_package(hub, stack_outputs, tunnel_host=host, trust_on_first_use=trust_on_first_use)
+        epoch = O.inputs_epoch(spec_path, outputs)
+        builds = [O.build_deb(hub, stack_outputs, out, tunnel_host=host, trust_on_first_use=trust_on_first_use,
+                              version=package_version, source_date_epoch=epoch) for host in hosts]
     except (S.SpecError, O.OnpremError) as exc:
         raise click.ClickException(str(exc)) from None
+    for built in builds:
+        _report_build(built)
+
+
+def _report_build(built: Any) -> None:
     plan = built.plan
     for warning in plan.warnings:
         click.echo(f"tunnelhub: {warning}", err=True)
     click.echo(f"built {built.path} ({built.package} {built.version})")
+    if plan.tunnel_host is not None:
+        click.echo(f"  tunnel host {plan.tunnel_host}: its key goes under {plan.key_field}")
     for slot, endpoint in enumerate(plan.endpoints):
         click.echo(f"  slot {slot}: {endpoint}")
     click.echo(f"  addresses from {plan.endpoints_source}")

@@ -57,6 +57,8 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_OUTPUTS = ROOT / "examples" / "outputs.json"
 PKG = "tunnelhub-weu"
+HOST = "ams-tunnel-01"
+"""The example hub weu has two tunnel hosts; these tests install the first one's package."""
 STATE = f"/var/lib/{PKG}"
 ETC = "/etc/tunnelhub/weu"
 WANTS_LINK = f"/etc/systemd/system/multi-user.target.wants/{PKG}.target"
@@ -95,17 +97,17 @@ def extracted_root(cached_root):
 
 @pytest.fixture(scope="module")
 def debs(tmp_path_factory) -> dict[str, object]:
-    """v1: the example hub weu. v2: the same hub an hour later with a third tunnel route."""
+    """v1: the example hub weu's first tunnel host. v2: the same an hour later with a third tunnel route."""
     out = tmp_path_factory.mktemp("debs")
     spec = load_spec(EXAMPLE_SPEC)
     weu = spec.hub("weu")
     outputs = read_outputs(EXAMPLE_OUTPUTS, weu.stack_name)
-    v1 = build_deb(weu, outputs, out / "v1", source_date_epoch=V1_EPOCH)
+    v1 = build_deb(weu, outputs, out / "v1", tunnel_host=HOST, source_date_epoch=V1_EPOCH)
     data = json.loads(json.dumps(_spec_dict(weu)))
     data["routes"].append({"name": "audit-pg", "kind": "tunnel", "port": 5433, "target": "audit-db.corp.example:5432"})
     weu2 = load_hubs(data).hubs[0]
-    v2 = build_deb(weu2, outputs, out / "v2", source_date_epoch=V2_EPOCH)
-    tofu = build_deb(weu, None, out / "tofu", trust_on_first_use=True, source_date_epoch=V1_EPOCH)
+    v2 = build_deb(weu2, outputs, out / "v2", tunnel_host=HOST, source_date_epoch=V2_EPOCH)
+    tofu = build_deb(weu, None, out / "tofu", tunnel_host=HOST, trust_on_first_use=True, source_date_epoch=V1_EPOCH)
     return {"v1": v1, "v2": v2, "tofu": tofu}
 
 
@@ -191,13 +193,14 @@ def test_install(chroot, debs):
     assert_package_files(chroot, v1)
     assert_key(chroot, uid, gid)
     pub = chroot.path(f"{STATE}/id_ed25519.pub").read_text().strip()
-    assert pub in result.stdout and "onprem.tunnel_public_keys" in result.stdout, "postinst prints the key and its field"
+    assert pub in result.stdout and "onprem.tunnel_hosts[0].public_keys (the host named ams-tunnel-01)" in result.stdout, \
+        "postinst prints the key and its field"
     # Enabled the way deb-systemd-helper does it without systemd running.
     link = chroot.path(WANTS_LINK)
     assert link.is_symlink() and os.readlink(link) == f"/lib/systemd/system/{PKG}.target"
     # The pubkey command prints the key again, to any user.
     r = chroot.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"{PKG}-pubkey")
-    assert r.stdout.strip() == pub and "onprem.tunnel_public_keys" in r.stderr
+    assert r.stdout.strip() == pub and "onprem.tunnel_hosts[0].public_keys (tunnel host ams-tunnel-01)" in r.stderr
     # systemd accepts the installed units (and their documentation resolves) in this root.
     verify = subprocess.run(
         ["systemd-analyze", "verify", f"--root={chroot.root}", f"{PKG}.target", f"{PKG}@0.service", f"{PKG}@1.service"],

@@ -11,7 +11,15 @@ import pytest
 
 from tests.helpers import TUNNEL_KEY, aws_hub, azure_hub, load_hubs
 from tunnelhub import __version__
-from tunnelhub.onprem import OnpremError, StackOutputs, check_version, default_version, inputs_epoch, plan_package
+from tunnelhub.onprem import (
+    OnpremError,
+    StackOutputs,
+    check_version,
+    default_version,
+    host_version,
+    inputs_epoch,
+    plan_package,
+)
 from tunnelhub.onprem.package import MAX_SLOTS
 from tunnelhub.onprem.timing import (
     AUTOSSH_DEFAULT_POLL_S,
@@ -253,3 +261,80 @@ def test_real_autossh_exits_0_when_ssh_does_so_systemd_must_restart_always(tmp_p
 
 def test_tunnel_key_fixture_is_not_the_host_key():
     assert TUNNEL_KEY.split()[1] != HOST_KEY.split()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Several tunnel hosts: one package each
+# --------------------------------------------------------------------------------------------
+
+SECOND_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ3b6Y1lV2fQ9m6Xb9y0aZk0K8yYb5j3v5m9v2Yk0xQf tunnel@second"
+
+
+def two_host_hub():
+    return hub_of(azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"], "tunnel_hosts": [
+        {"name": "dc1", "public_keys": [TUNNEL_KEY]}, {"name": "dc2", "public_keys": [SECOND_KEY]}]}))
+
+
+def test_each_hosts_plan_forwards_that_hosts_ports():
+    hub = two_host_hub()
+    for host, k, ports in (("dc1", 0, [13306, 15432]), ("dc2", 1, [14306, 16432])):
+        plan = plan_package(hub, outputs(), tunnel_host=host)
+        assert [f.tunnel_port for f in plan.forwards] == ports
+        assert [f.remote_forward.split(":")[1] for f in plan.forwards] == [str(p) for p in ports]
+        assert (plan.tunnel_host, plan.tunnel_host_index, plan.tunnel_hosts) == (host, k, ("dc1", "dc2"))
+        assert plan.key_field == f"onprem.tunnel_hosts[{k}].public_keys"
+        assert plan.status_config()["tunnel_host"] == host
+        assert plan.package == "tunnelhub-weu" and plan.instances == ["tunnelhub-weu@0.service", "tunnelhub-weu@1.service"]
+
+
+def test_the_single_host_form_plans_as_before():
+    plan = plan_package(hub_of(azure_hub()), outputs())
+    assert (plan.tunnel_host, plan.tunnel_hosts, plan.key_field) == (None, (), "onprem.tunnel_public_keys")
+    assert "tunnel_host" not in plan.status_config()
+    assert plan_package(hub_of(azure_hub()), outputs(), tunnel_host="tunnel-host") == plan
+
+
+def test_a_hub_in_the_list_form_with_one_host_records_it_and_needs_no_name():
+    hub = hub_of(azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"], "tunnel_hosts": [
+        {"name": "dc1", "public_keys": [TUNNEL_KEY]}]}))
+    plan = plan_package(hub, outputs())
+    assert (plan.tunnel_host, plan.key_field) == ("dc1", "onprem.tunnel_hosts[0].public_keys")
+
+
+def test_the_tunnel_host_must_be_named_on_a_hub_with_several_and_known():
+    with pytest.raises(OnpremError, match=r"hub 'weu' has 2 tunnel hosts \(dc1, dc2\): each gets its own package"):
+        plan_package(two_host_hub(), outputs())
+    with pytest.raises(OnpremError, match=r"hub 'weu' has no tunnel host 'dc3'; its tunnel hosts: dc1, dc2$"):
+        plan_package(two_host_hub(), outputs(), tunnel_host="dc3")
+    with pytest.raises(OnpremError, match=r"its tunnel hosts: tunnel-host \(the single-host form"):
+        plan_package(hub_of(azure_hub()), outputs(), tunnel_host="dc1")
+
+
+@pytest.mark.parametrize("version, host, expected", [
+    ("1.4-3", "dc2", "1.4+dc2-3"),
+    ("2:1.4-3", "ams-tunnel-02", "2:1.4+ams-tunnel-02-3"),
+    ("1.4", "dc2", "1.4+dc2"),
+    ("0.1.0+20250520.001320.abcdef01-1", "dc2", "0.1.0+20250520.001320.abcdef01+dc2-1"),
+])
+def test_host_version_ends_the_upstream_part_with_the_host(version, host, expected):
+    hub = hub_of(azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"], "tunnel_hosts": [
+        {"name": "dc1", "public_keys": [TUNNEL_KEY]}, {"name": host, "public_keys": [SECOND_KEY]}]}))
+    plan = plan_package(hub, outputs(), tunnel_host=host)
+    assert host_version(version, plan) == expected
+    assert subprocess.run(["dpkg", "--validate-version", expected], check=False).returncode == 0
+    assert host_version(version, plan_package(hub_of(azure_hub()), outputs())) == version  # single-host: as is
+
+
+def test_host_version_refuses_a_hyphenated_host_without_a_revision():
+    hub = hub_of(azure_hub(onprem={"source_cidrs": ["192.168.10.0/24"], "tunnel_hosts": [
+        {"name": "dc-1", "public_keys": [TUNNEL_KEY]}]}))
+    with pytest.raises(OnpremError, match=r"--version '1.4' has no revision.*for example 1.4-1"):
+        host_version("1.4", plan_package(hub, outputs()))
+
+
+def test_default_versions_of_two_hosts_differ_and_each_orders_by_date():
+    hub = two_host_hub()
+    one, two = (plan_package(hub, outputs(), tunnel_host=h) for h in ("dc1", "dc2"))
+    v1, v2 = default_version(one, 1_747_700_000), default_version(two, 1_747_700_000)
+    assert v1.endswith("+dc1-1") and v2.endswith("+dc2-1") and v1 != v2
+    assert dpkg_gt(default_version(one, 1_747_700_000 + 1), v1)

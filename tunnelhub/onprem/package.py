@@ -1,4 +1,8 @@
-"""The on-prem tunnel host package: ``tunnelhub-<hub>_<version>_all.deb``.
+"""The on-prem tunnel host package: ``tunnelhub-<hub>_<version>_all.deb``, one per tunnel host.
+
+A hub with several tunnel hosts (``onprem.tunnel_hosts``) gets one package per host
+(:func:`plan_package` ``tunnel_host=``): the same package name, units and paths on every host,
+each holding its own host's loopback ports on the proxies, its version ending in ``+<host>``.
 
 :func:`plan_package` decides what the package holds from the resolved hub and the stack outputs
 (which addresses to dial, which host key to pin); :func:`render_package` turns the plan into file
@@ -46,7 +50,7 @@ import jinja2
 from tunnelhub import __version__ as TOOL_VERSION
 from tunnelhub.onprem.outputs import HostKey, OnpremError, StackOutputs, check_endpoint, parse_host_key
 from tunnelhub.onprem.timing import DEFAULT_TIMING, TunnelTiming
-from tunnelhub.spec import DEFAULT_HEALTH_PORT, SSH_PORT, Hub, Proxies
+from tunnelhub.spec import DEFAULT_HEALTH_PORT, SSH_PORT, Hub, Proxies, TunnelHost
 
 PACKAGE_PREFIX = "tunnelhub-"
 MAINTAINER = "tunnelhub <tunnelhub@example.invalid>"
@@ -128,11 +132,32 @@ class PackagePlan:
     """Each unit adds a ``quickack 1`` host route to its proxy while it runs (``onprem.tcp_quickack``)."""
     health_port: int = DEFAULT_HEALTH_PORT
     """The proxies' health endpoint (``proxies.health_port``), reached through each slot's session."""
+    tunnel_host: str | None = None
+    """The tunnel host this package is for, on a hub that names its hosts (``onprem.tunnel_hosts``);
+    None on a hub written in the single-host form (``onprem.tunnel_public_keys``)."""
+    tunnel_host_index: int = 0
+    """Its position in ``onprem.tunnel_hosts``."""
+    tunnel_hosts: tuple[str, ...] = ()
+    """Every tunnel host of the hub, in spec order (the README names the others)."""
     warnings: tuple[str, ...] = ()
 
     @property
     def package(self) -> str:
         return PACKAGE_PREFIX + self.hub
+
+    @property
+    def key_field(self) -> str:
+        """Where this host's key goes in the hub spec."""
+        if self.tunnel_host is None:
+            return "onprem.tunnel_public_keys"
+        return f"onprem.tunnel_hosts[{self.tunnel_host_index}].public_keys"
+
+    @property
+    def key_place(self) -> str:
+        """``key_field`` with the host's name, as the messages say it."""
+        if self.tunnel_host is None:
+            return self.key_field
+        return f"{self.key_field} (tunnel host {self.tunnel_host})"
 
     @property
     def quickack_helper(self) -> str:
@@ -218,12 +243,15 @@ class PackagePlan:
 
     def status_config(self) -> dict:
         """What the status command knows about this hub (embedded in it at build time)."""
-        return {
+        config = {
             "hub": self.hub, "package": self.package, "etc_dir": self.etc_dir, "health_port": self.health_port,
             "slots": [{"slot": slot, "endpoint": endpoint, "unit": self.instances[slot],
                        "socket": self.health_socket(slot)} for slot, endpoint in enumerate(self.endpoints)],
             "routes": [{"route": f.route, "tunnel_port": f.tunnel_port, "target": f.target} for f in self.forwards],
         }
+        if self.tunnel_host is not None:
+            config["tunnel_host"] = self.tunnel_host
+        return config
 
     @property
     def doc_dir(self) -> str:
@@ -250,21 +278,45 @@ class PackagePlan:
         return " ".join(self.exec_start_lines()).split()
 
 
+def pick_tunnel_host(hub: Hub, name: str | None) -> TunnelHost:
+    """The tunnel host a package is for: ``name``, else the hub's only one; :class:`OnpremError`
+    naming the hub's hosts when ``name`` is missing on a hub with several, or unknown."""
+    hosts = hub.tunnel_hosts
+    names = ", ".join(h.name for h in hosts)
+    if name is None:
+        if len(hosts) > 1:
+            raise OnpremError(f"hub {hub.name!r} has {len(hosts)} tunnel hosts ({names}): each gets its own package "
+                              "(its own ports and key); choose one with --tunnel-host NAME, or build them all with "
+                              "--all-tunnel-hosts")
+        return hosts[0]
+    for h in hosts:
+        if h.name == name:
+            return h
+    raise OnpremError(f"hub {hub.name!r} has no tunnel host {name!r}; its tunnel hosts: {names}"
+                      + ("" if hub.multi_host else " (the single-host form, onprem.tunnel_public_keys, names its one "
+                         "host tunnel-host)"))
+
+
 def plan_package(
     hub: Hub,
     outputs: StackOutputs | None = None,
     *,
+    tunnel_host: str | None = None,
     trust_on_first_use: bool = False,
     timing: TunnelTiming = DEFAULT_TIMING,
 ) -> PackagePlan:
     """Decide what the package of ``hub`` holds; raise :class:`OnpremError` naming what is missing.
 
-    Addresses: ``tunnel_endpoints`` from the outputs when present (authoritative); else the
-    spec's static addresses (Azure proxies, AWS slots' fixed private IPs over a private circuit);
-    an AWS hub reached over the internet dials Elastic IPs that only the outputs know. Host key:
+    Tunnel host: ``tunnel_host`` (a name in ``onprem.tunnel_hosts``; required when the hub has
+    several), whose loopback ports the forwards use (``Hub.host_tunnel_port``). Addresses:
+    ``tunnel_endpoints`` from the outputs when present (authoritative); else the spec's static
+    addresses (Azure proxies, AWS slots' fixed private IPs over a private circuit); an AWS hub
+    reached over the internet dials Elastic IPs that only the outputs know. Host key:
     ``host_public_key`` from the outputs, pinned; without it only ``trust_on_first_use`` builds.
     """
-    forwards = tuple(TunnelForward(r.name, r.tunnel_port, r.target_host, r.target_port) for r in hub.tunnel_routes)
+    host = pick_tunnel_host(hub, tunnel_host)
+    forwards = tuple(TunnelForward(r.name, hub.host_tunnel_port(r, host), r.target_host, r.target_port)
+                     for r in hub.tunnel_routes)
     if not forwards:
         raise OnpremError(f"hub {hub.name!r} has no tunnel routes (kind: tunnel), so its tunnel host has nothing "
                           "to forward: it needs no on-prem package")
@@ -334,6 +386,9 @@ def plan_package(
         timing=timing,
         tcp_quickack=hub.onprem.tcp_quickack,
         health_port=hub.proxies.health_port,
+        tunnel_host=host.name if hub.multi_host else None,
+        tunnel_host_index=[h.name for h in hub.tunnel_hosts].index(host.name),
+        tunnel_hosts=tuple(h.name for h in hub.tunnel_hosts) if hub.multi_host else (),
         warnings=tuple(warnings),
     )
 
@@ -450,6 +505,11 @@ def _context(plan: PackagePlan, version: str, when: datetime) -> dict:
         "stale_instances": plan.stale_instances,
         "exec_start": plan.exec_start_lines(),
         "pubkey_command": plan.pubkey_command,
+        "tunnel_host": plan.tunnel_host,
+        "tunnel_host_index": plan.tunnel_host_index,
+        "other_tunnel_hosts": [h for h in plan.tunnel_hosts if h != plan.tunnel_host],
+        "key_field": plan.key_field,
+        "key_place": plan.key_place,
         "status_command": plan.status_command,
         "health_port": plan.health_port,
         "slot_runtime_directory": plan.slot_runtime_directory,
@@ -477,6 +537,11 @@ def _description(plan: PackagePlan) -> list[str]:
         (f"Generated by tunnelhub {TOOL_VERSION} from the hub spec. Start, stop and inspect the tunnels with "
          f"systemctl on {plan.target_unit}; {plan.pubkey_command} prints the key this host logs in with."),
     ]
+    if plan.tunnel_host is not None:
+        paragraphs.insert(1, (
+            f"This is the package of tunnel host {plan.tunnel_host} (onprem.tunnel_hosts[{plan.tunnel_host_index}]): "
+            f"its tunnels hold that host's own loopback ports on the proxies; every tunnel host of the hub "
+            f"({', '.join(plan.tunnel_hosts)}) runs its own package, with its own key."))
     lines: list[str] = []
     for para in paragraphs:
         if lines:
@@ -489,6 +554,9 @@ def _changelog_items(plan: PackagePlan) -> list[list[str]]:
     """The changelog entry's items, each wrapped to 80 columns (``  * `` and 4-space follow-ups)."""
     items = [(f"Generated by tunnelhub {TOOL_VERSION} from the hub spec, hub {plan.hub} ({plan.cloud}, "
               f"stack {plan.stack}).")]
+    if plan.tunnel_host is not None:
+        items.append(f"Tunnel host {plan.tunnel_host} (onprem.tunnel_hosts[{plan.tunnel_host_index}]), one of "
+                     f"{len(plan.tunnel_hosts)}: {', '.join(plan.tunnel_hosts)}.")
     items += [f"Tunnel {f.route}: proxy localhost:{f.tunnel_port} -> {f.target}." for f in plan.forwards]
     items += [f"Proxy slot {slot}: {endpoint}." for slot, endpoint in enumerate(plan.endpoints)]
     items.append(f"Proxy addresses from {plan.endpoints_source}.")
@@ -553,7 +621,26 @@ def default_version(plan: PackagePlan, source_date_epoch: int) -> str:
     inputs give the same version (and the same bytes).
     """
     when = datetime.fromtimestamp(source_date_epoch, tz=UTC)
-    return f"{TOOL_VERSION}+{when:%Y%m%d.%H%M%S}.{content_digest(plan)[:8]}-1"
+    return host_version(f"{TOOL_VERSION}+{when:%Y%m%d.%H%M%S}.{content_digest(plan)[:8]}-1", plan)
+
+
+def host_version(version: str, plan: PackagePlan) -> str:
+    """``version`` with ``+<tunnel host>`` at the end of its upstream part, on a hub that names its
+    tunnel hosts: every host's package is ``tunnelhub-<hub>`` (the same units, commands and paths
+    on each host), so the version tells them apart, in ``dpkg -l`` and in the file name (two hosts'
+    packages can be built into one directory). A hub in the single-host form: ``version`` as is."""
+    if plan.tunnel_host is None:
+        return version
+    m = _VERSION_RE.match(version)
+    if m is None:  # check_version ran first
+        raise OnpremError(f"--version {version!r} is not a Debian version")
+    if m["revision"] is None and "-" in plan.tunnel_host:
+        raise OnpremError(f"--version {version!r} has no revision, so dpkg would read the part after the hyphen of "
+                          f"tunnel host {plan.tunnel_host!r} (appended as +{plan.tunnel_host}) as one: give a "
+                          f"revision, for example {version}-1")
+    epoch = f"{m['epoch']}:" if m["epoch"] is not None else ""
+    revision = f"-{m['revision']}" if m["revision"] is not None else ""
+    return f"{epoch}{m['upstream']}+{plan.tunnel_host}{revision}"
 
 
 def check_version(version: str) -> str:
@@ -600,20 +687,25 @@ def build_deb(
     outputs: StackOutputs | None,
     out_dir: str | Path,
     *,
+    tunnel_host: str | None = None,
     trust_on_first_use: bool = False,
     version: str | None = None,
     source_date_epoch: int | None = None,
     timing: TunnelTiming = DEFAULT_TIMING,
 ) -> DebBuild:
-    """Build ``<out_dir>/tunnelhub-<hub>_<version>_all.deb`` and return what was built.
+    """Build ``<out_dir>/tunnelhub-<hub>_<version>_all.deb`` for tunnel host ``tunnel_host``
+    (required when the hub has several) and return what was built.
 
     ``source_date_epoch`` dates the changelog and every file (default: ``$SOURCE_DATE_EPOCH``);
-    ``version`` defaults to :func:`default_version`. The file appears complete or not at all.
+    ``version`` defaults to :func:`default_version`; on a hub that names its tunnel hosts the
+    version ends its upstream part with ``+<tunnel host>`` (:func:`host_version`). The file
+    appears complete or not at all.
     """
-    plan = plan_package(hub, outputs, trust_on_first_use=trust_on_first_use, timing=timing)
+    plan = plan_package(hub, outputs, tunnel_host=tunnel_host, trust_on_first_use=trust_on_first_use, timing=timing)
     if source_date_epoch is None:
         source_date_epoch = inputs_epoch()
-    version = check_version(version) if version is not None else default_version(plan, source_date_epoch)
+    version = (host_version(check_version(version), plan) if version is not None
+               else default_version(plan, source_date_epoch))
     rendered = render_package(plan, version, source_date_epoch)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
