@@ -474,6 +474,26 @@ def test_a_host_takes_its_own_source_cidrs_inside_the_onprem_ranges():
             "ranges the network rules admit on port 22: add it there too, or narrow this one") in message
 
 
+def test_moving_to_the_list_form_keeps_the_first_hosts_ports():
+    """The single-host form's host, first in tunnel_hosts, holds the ports it held: its installed
+    package stays valid when a second host is added."""
+    before = load_hubs(azure_hub()).hubs[0]
+    after = load_hubs(azure_hub(onprem=tunnel_hosts({"name": "tunnel-host", "public_keys": [TUNNEL_KEY]}, DC2))).hubs[0]
+    ports = [(r["route"], r["tunnel_port"], r["peer_port"]) for r in before.port_plan()]
+    assert [(r["route"], r["tunnel_port"], r["peer_port"]) for r in after.port_plan()
+            if r["tunnel_host"] == "tunnel-host"] == ports
+
+
+def test_removing_a_host_from_the_middle_keeps_the_later_hosts_ports_with_port_offset():
+    dc3 = {"name": "dc3", "public_keys": [THIRD_TUNNEL_KEY]}
+    three = load_hubs(two_hosts(DC1, DC2, dc3)).hubs[0]
+    two = load_hubs(two_hosts(DC1, {**dc3, "port_offset": 2000})).hubs[0]
+    def ports(hub, host):
+        return [hub.host_tunnel_port(r, host) for r in hub.tunnel_routes]
+    assert ports(two, "dc3") == ports(three, "dc3") == [15306, 17432]
+    assert ports(load_hubs(two_hosts(DC1, dc3)).hubs[0], "dc3") == [14306, 16432]  # unpinned: it would move
+
+
 def test_both_forms_at_once_are_refused():
     hub = two_hosts()
     hub["onprem"]["tunnel_public_keys"] = [THIRD_TUNNEL_KEY]
@@ -563,7 +583,8 @@ def test_the_first_hosts_explicit_offset_is_checked_like_any_other():
     hub = load_hubs(two_hosts({**DC1, "port_offset": 1000}, {**DC2, "port_offset": 0})).hubs[0]
     assert [r["tunnel_port"] for r in hub.port_plan()][:2] == [14306, 13306]
     message = spec_errors(two_hosts({**DC1, "port_offset": 60000}, DC2))
-    assert "onprem.tunnel_hosts[0].port_offset = 60000: gives tunnel host dc1's tunnel for route orders-mysql port 73306" in message
+    assert ("onprem.tunnel_hosts[0].port_offset = 60000: gives tunnel host dc1's tunnel for route orders-mysql port "
+            "73306") in message
 
 
 def test_peer_ports_are_derived_valid_and_unique():

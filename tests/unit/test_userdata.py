@@ -310,14 +310,26 @@ def test_one_haproxy_listener_per_route(hub, slot, ud):
     assert "listen " not in base and "maxconn" not in base  # the routes file has both
     cfg = base + D.haproxy_routes_config(hub)
     blocks = _listen_blocks(cfg)
-    assert list(blocks) == [r.name for r in hub.routes]
+    assert list(blocks) == [n for r in hub.routes for n in ([r.name, f"{r.name}_peer"] if r.kind == "tunnel"
+                                                            else [r.name])]
+    peers = D.peer_addresses(hub)
     for r in hub.routes:
         block = blocks[r.name]
         assert f"bind 0.0.0.0:{r.port}" in block
         assert f"maxconn {r.max_connections}" in block
         assert f"timeout client {r.idle_timeout_min}m" in block and f"timeout server {r.idle_timeout_min}m" in block
         if r.kind == "tunnel":
-            assert f"server tunnel 127.0.0.1:{r.tunnel_port}" in block
+            # the single-host form: one host named tunnel-host at the route's tunnel port, every slot a backup
+            assert [ln.split()[1] for ln in block if ln.startswith("server ")] == [
+                "tunnel-host", *(f"peer_{k}" for k in range(len(peers)))]
+            assert (f'server tunnel-host 127.0.0.1:{r.tunnel_port} agent-inter 1000ms agent-send '
+                    f'"GET /agent/{r.name}/tunnel-host HTTP/1.0\\r\\n\\r\\n"') in block
+            for k, address in enumerate(peers):
+                assert (f'server peer_{k} {address}:{r.peer_port} backup agent-send '
+                        f'"GET /agent/{r.name} HTTP/1.0\\r\\n\\r\\n"') in block
+            peer = blocks[f"{r.name}_peer"]
+            assert f"bind 0.0.0.0:{r.peer_port}" in peer and "backup" not in " ".join(peer)
+            assert [ln.split()[1] for ln in peer if ln.startswith("server ")] == ["tunnel-host"]
         else:
             assert (f"server remote {r.target_host}:{r.target_port} resolvers dns resolve-prefer ipv4 "
                     "init-addr none") in block
@@ -342,7 +354,7 @@ def test_route_limits_reach_haproxy_and_ip_targets_skip_dns():
     assert "server remote 52.1.2.3:443" in blocks["api"]
     assert "server remote ipv6@2606:4700::1111:443" in blocks["v6"]
     assert "resolvers dns" not in cfg
-    assert "\nglobal\n    maxconn 2350\n" in cfg  # the routes' sum + 100
+    assert "\nglobal\n    maxconn 2600\n" in cfg  # the routes' sum, the peer listeners' (pg_peer: 250) + 100
 
 
 def test_old_workers_keep_their_connections_for_a_stated_bound():
@@ -537,7 +549,8 @@ def test_authorized_keys_of_two_hosts_with_their_own_ranges_and_one_without_keys
         "# (no keys for tunnel host dc3 yet: add onprem.tunnel_hosts[2].public_keys and deploy again)"]
     assert D.permit_listen(hub) == [f"localhost:{p}" for p in (13306, 15432, 14306, 16432, 15306, 17432)]
     assert D.sshd_tunnel_forwarding(hub).endswith(
-        "PermitListen localhost:13306 localhost:15432 localhost:14306 localhost:16432 localhost:15306 localhost:17432\nPermitOpen 127.0.0.1:8080\n")
+        "PermitListen localhost:13306 localhost:15432 localhost:14306 localhost:16432 localhost:15306 localhost:17432\n"
+        "PermitOpen 127.0.0.1:8080\n")
 
 
 def test_authorized_keys_without_tunnel_routes_or_keys():
@@ -638,8 +651,8 @@ def test_a_large_aws_hub_still_fits(tmp_path):
           f"compacted={ud.scripts_compacted}")
     assert ud.size_bytes <= 16384 and len(files_of(ud)) == 12 and len(ud.s3_objects) == 2
     document = D.render_document(hub)
-    print(f"large aws hub: document {len(document.text)} bytes")
-    assert len(base64.b64encode(document.text.encode())) <= D.AZURE_USER_DATA_LIMIT_BYTES
+    print(f"large aws hub: document {len(document.text)} bytes, {len(document.azure_user_data())} as Azure user data")
+    assert len(document.azure_user_data()) <= D.AZURE_USER_DATA_LIMIT_BYTES  # gzip when the plain text does not fit
 
 
 @pytest.mark.parametrize(("hub", "slot", "ud"), EXAMPLES, ids=EXAMPLE_IDS)

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs root, haproxy (Debian package), iproute2 and unshare",
 )
 
-TUNNEL_PORT, DB_PORT, SVC_PORT, REMOTE_PORT = 13306, 3306, 8443, 9443
+TUNNEL_PORT, DB_PORT, SVC_PORT, REMOTE_PORT, HEALTH_PORT = 13306, 3306, 8443, 9443, 8080
 FOLLOW_BOUND_S = 25.0  # generous loop bound; the design: ~1 s after the resolver returns the new address
 
 HELPER = r'''
@@ -82,7 +82,25 @@ def read(conn, timeout):
 def connect(port):
     return socket.create_connection(("127.0.0.1", port), timeout=3)
 
+def agent():
+    """The health daemon's place on the health port: the plain check connects, the agent reads "up"
+    (the real daemon answers it from its checks: test_proxy_dataplane.py)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", HEALTH_PORT))
+    sock.listen(64)
+    while True:
+        conn, _ = sock.accept()
+        with conn:
+            try:
+                conn.settimeout(1)
+                conn.recv(200)
+                conn.sendall(b"up\n")
+            except OSError:
+                pass
+
 threading.Thread(target=dns, daemon=True).start()
+threading.Thread(target=agent, daemon=True).start()
 for address, port, text in [("127.0.0.1", TUNNEL_PORT, "tunnel"), ("127.0.0.2", REMOTE_PORT, "remote-A"),
                             ("127.0.0.3", REMOTE_PORT, "remote-B")]:
     threading.Thread(target=banner, args=(address, port, text), daemon=True).start()
@@ -107,7 +125,8 @@ for line in sys.stdin:
                 c.close()
     except OSError as exc:
         print(f"ERROR {exc}", flush=True)
-'''.replace("TUNNEL_PORT", str(TUNNEL_PORT)).replace("REMOTE_PORT", str(REMOTE_PORT))
+'''.replace("TUNNEL_PORT", str(TUNNEL_PORT)).replace("REMOTE_PORT", str(REMOTE_PORT)).replace(
+    "HEALTH_PORT", str(HEALTH_PORT))
 
 
 def hub():
@@ -211,10 +230,10 @@ def test_connections_are_logged_in_tcplog_format(lab):
     ask, log, _ = lab
     assert ask(f"get {DB_PORT}") == "tunnel"
     deadline = time.monotonic() + 10
-    while " db db/tunnel " not in log.read_text():
+    while " db db/tunnel-host " not in log.read_text():
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
-    line = next(ln for ln in log.read_text().splitlines() if " db db/tunnel " in ln)
+    line = next(ln for ln in log.read_text().splitlines() if " db db/tunnel-host " in ln)
     assert line.startswith("<6>")  # "format short": the severity (info) prefix journald reads as the priority
 
 

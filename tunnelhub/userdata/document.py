@@ -224,31 +224,109 @@ def route_summary(hub: Hub, route: Route) -> dict[str, Any]:
     return summary
 
 
+PEER_LISTEN_SUFFIX = "_peer"
+"""``listen <route>_peer``: the route's peer path (``_`` never occurs in a route name, so it cannot
+collide with another route's ``listen``)."""
+PEER_SERVER_PREFIX = "peer_"
+"""``server peer_<slot>``: a peer proxy's backup path (``_`` never occurs in a tunnel host name)."""
+CHECK_RISE = 3
+CHECK_FALL = 3
+LOCAL_AGENT_INTER_MAX_S = 1.0
+TUNNEL_CONNECT_TIMEOUT_S = 1
+TUNNEL_RETRIES = 3
+
+
+def _ms(seconds: float) -> str:
+    return f"{round(seconds * 1000)}ms"
+
+
+def agent_path(route: str, host: str | None = None) -> str:
+    """The health daemon's agent path: one tunnel host's check, or the route (any host up)."""
+    return f"/agent/{route}" + (f"/{host}" if host is not None else "")
+
+
+def _agent_send(path: str) -> str:
+    # HAProxy config quoting (configuration.txt 2.2): \r and \n are interpreted in double quotes.
+    return '"GET ' + path + ' HTTP/1.0\\r\\n\\r\\n"'
+
+
+def peer_sources(hub: Hub) -> list[str]:
+    """The source addresses a peer proxy's connection to a peer port comes from. Azure: the
+    proxies' NIC addresses (static, the peers). AWS: the proxy subnets, because a proxy's
+    connections leave from its primary (DHCP) address; the slot's fixed address is a secondary
+    ``/32`` that adds no route, so it is never the source (docs/proxy-runtime.md)."""
+    if hub.cloud == "azure":
+        return peer_addresses(hub)
+    return [str(net) for net in hub.aws_addresses().public_subnets]
+
+
+def server_defaults(hub: Hub, route: Route) -> str:
+    """The ``default-server`` line of a tunnel route's listeners: every server (tunnel host or peer)
+    has the plain check on the health port (``port``: never on the server's own port), the agent on
+    the same port (``agent-addr`` left out: the server's address, 127.0.0.1 or the peer's), every
+    ``interval`` (a tunnel host's own server overrides ``agent-inter``), and marks itself DOWN at
+    its first failed connect."""
+    probe = route.probe
+    return (f"default-server check port {hub.proxies.health_port} inter {_ms(probe.interval_s)} "
+            f"rise {CHECK_RISE} fall {CHECK_FALL} agent-check agent-port {hub.proxies.health_port} "
+            f"agent-inter {_ms(probe.interval_s)} observe layer4 error-limit 1 on-error mark-down")
+
+
+def tunnel_servers(hub: Hub, route: Route) -> list[str]:
+    """One HAProxy server per tunnel host of a tunnel route: its loopback port on this proxy, its
+    agent the health daemon's cached check of that host (``GET /agent/<route>/<host>``)."""
+    agent_inter = min(route.probe.interval_s, LOCAL_AGENT_INTER_MAX_S)
+    return [f"server {h.name} 127.0.0.1:{hub.host_tunnel_port(route, h)} agent-inter {_ms(agent_inter)} "
+            f"agent-send {_agent_send(agent_path(route.name, h.name))}" for h in hub.tunnel_hosts]
+
+
+def peer_servers(hub: Hub, route: Route) -> list[str]:
+    """One backup server per proxy slot at its peer port, its agent that peer's route state
+    (``GET /agent/<route>``: up while any of its own tunnel hosts is). Every slot, self included: the
+    document is the same on every proxy, and the daemon answers its own entry ``down #self``."""
+    return [f"server {PEER_SERVER_PREFIX}{slot} {address}:{route.peer_port} backup "
+            f"agent-send {_agent_send(agent_path(route.name))}"
+            for slot, address in enumerate(peer_addresses(hub))]
+
+
 def haproxy_routes_config(hub: Hub) -> str:
-    """HAProxy's routes file: ``global maxconn`` (the routes' sum + 100), the resolvers when a
-    forward route names a host, one ``listen`` per route, and the exporter frontend the health
-    daemon's ``GET /metrics`` reads (a Unix socket)."""
+    """HAProxy's routes file: ``global maxconn`` (the routes' sum + 100, peer listeners included),
+    the resolvers when a forward route names a host, one ``listen`` per route (a tunnel route: one
+    server per tunnel host and every proxy's peer path as backups), one ``listen <route>_peer``
+    per tunnel route (the peer path: this proxy's own tunnels only, from the peers only), and the
+    exporter frontend the health daemon's ``GET /metrics`` reads (a Unix socket)."""
     listeners = []
     for r in hub.routes:
+        listener: dict[str, Any] = {
+            "name": r.name, "kind": r.kind, "port": r.port, "maxconn": r.max_connections,
+            "idle_timeout_min": r.idle_timeout_min,
+        }
         if r.kind == "tunnel":
-            server, server_name = f"127.0.0.1:{r.tunnel_port}", "tunnel"
-            description = f"127.0.0.1:{r.tunnel_port} (ssh -R to {r.target})"
+            hosts = tunnel_servers(hub, r)
+            listener.update(
+                description=", ".join(f"{h.name} 127.0.0.1:{hub.host_tunnel_port(r, h)}" for h in hub.tunnel_hosts)
+                + f" (ssh -R to {r.target})",
+                defaults=server_defaults(hub, r), servers=hosts, backups=peer_servers(hub, r),
+                peer_name=f"{r.name}{PEER_LISTEN_SUFFIX}", peer_port=r.peer_port,
+                check_timeout=_ms(r.probe.timeout_s),
+            )
         else:
-            server, server_name = haproxy_address(r.target_host, r.target_port), "remote"
-            description = r.target
+            server = haproxy_address(r.target_host, r.target_port)
             if is_name(r.target_host):
                 server += " resolvers dns resolve-prefer ipv4 init-addr none"
-        listeners.append({
-            "name": r.name, "kind": r.kind, "port": r.port, "maxconn": r.max_connections,
-            "idle_timeout_min": r.idle_timeout_min, "server": server, "server_name": server_name,
-            "description": description,
-        })
+            listener.update(description=r.target, defaults=None, servers=[f"server remote {server}"], backups=[])
+        listeners.append(listener)
+    total = sum(r.max_connections for r in hub.routes) + sum(r.max_connections for r in hub.tunnel_routes)
     return environment().get_template("haproxy-routes.cfg.j2").render(
         hub_name=hub.name,
-        global_maxconn=min(GLOBAL_MAXCONN_CAP, sum(r.max_connections for r in hub.routes) + 100),
+        global_maxconn=min(GLOBAL_MAXCONN_CAP, total + 100),
         resolvers=any(r.kind == "forward" and is_name(r.target_host) for r in hub.routes),
         dns_hold_valid_s=DNS_HOLD_VALID_S,
         listeners=listeners,
+        peer_sources=peer_sources(hub),
+        health_port=hub.proxies.health_port,
+        rise=CHECK_RISE, fall=CHECK_FALL, retries=TUNNEL_RETRIES, connect_timeout_s=TUNNEL_CONNECT_TIMEOUT_S,
+        local_agent_inter_max_s=LOCAL_AGENT_INTER_MAX_S,
         metrics_socket=L.HAPROXY_METRICS_SOCKET,
     )
 
@@ -268,9 +346,15 @@ def _probe(route: Route) -> dict:
 
 def health_config(hub: Hub) -> dict:
     """The health daemon's routes (``/etc/tunnelhub/health.json`` without ``config_version``,
-    which the reconciler adds when it writes the file)."""
+    which the reconciler adds when it writes the file). A tunnel route lists its tunnel hosts
+    (``hosts``: name and loopback port): the daemon checks each, the route is up while any is."""
     routes = []
     for r in hub.routes:
         host, port = ("127.0.0.1", r.tunnel_port) if r.kind == "tunnel" else (r.target_host, r.target_port)
-        routes.append({"name": r.name, "kind": r.kind, "host": host, "port": port, "probe": _probe(r)})
+        route = {"name": r.name, "kind": r.kind, "host": host, "port": port, "probe": _probe(r)}
+        if r.kind == "tunnel":
+            # One check per tunnel host (its loopback port); host and port stay the first host's, so a
+            # daemon that predates hosts refuses this file by its unknown field instead of misreading it.
+            route["hosts"] = [{"name": h.name, "port": hub.host_tunnel_port(r, h)} for h in hub.tunnel_hosts]
+        routes.append(route)
     return {"listen_address": "0.0.0.0", "port": hub.proxies.health_port, "routes": routes}

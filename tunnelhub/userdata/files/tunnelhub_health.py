@@ -95,6 +95,7 @@ HEARTBEAT_STALE_FACTOR = 3.0
 HTTP_REQUEST_TIMEOUT_S = 5.0
 HTTP_MAX_CONCURRENT = 64
 ROUTE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+HOST_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")  # a tunnel host (spec: lowercase, digits, '-')
 CONFIG_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 VERSION_HEADER = "X-Tunnelhub-Config-Version"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -146,16 +147,29 @@ class Probe:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TunnelHost:
+    """One on-prem tunnel host of a tunnel route: its own loopback port on this proxy."""
+
+    name: str
+    port: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class Route:
     name: str
     kind: str
     host: str
     port: int
     probe: Probe
+    hosts: tuple[TunnelHost, ...] = ()  # tunnel routes: one check per host; empty: host:port alone
 
     @property
     def target(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def for_host(self, host: TunnelHost) -> Route:
+        """The route as one tunnel host carries it: the route's check, at that host's port."""
+        return Route(name=self.name, kind=self.kind, host=self.host, port=host.port, probe=self.probe)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,7 +265,7 @@ def _parse_route(f: _Fields, where: str, raw: Any) -> Route | None:
         f.bad(where, f"got {raw!r}", "give an object with name, kind, host, port and probe")
         return None
     before = len(f.problems)
-    f.unknown_keys(where, raw, {"name", "kind", "host", "port", "probe"})
+    f.unknown_keys(where, raw, {"name", "kind", "host", "port", "probe", "hosts"})
     name = raw.get("name")
     if not isinstance(name, str) or not ROUTE_NAME_RE.match(name):
         f.bad(f"{where}.name", f"got {name!r}",
@@ -265,9 +279,41 @@ def _parse_route(f: _Fields, where: str, raw: Any) -> Route | None:
               "give the address to check: 127.0.0.1 for a tunnel route, the remote DNS name for a forward route")
     port = f.integer(f"{where}.port", raw.get("port"), 1, 65535)
     probe = _parse_probe(f, f"{where}.probe", raw.get("probe"))
+    hosts = _parse_hosts(f, f"{where}.hosts", raw["hosts"], kind) if "hosts" in raw else ()
     if len(f.problems) > before or probe is None or port is None:
         return None
-    return Route(name=name, kind=kind, host=host, port=port, probe=probe)
+    return Route(name=name, kind=kind, host=host, port=port, probe=probe, hosts=hosts)
+
+
+def _parse_hosts(f: _Fields, where: str, raw: Any, kind: Any) -> tuple[TunnelHost, ...]:
+    """A tunnel route's tunnel hosts: ``[{"name": ..., "port": ...}]``, names and ports unique."""
+    if kind != "tunnel":
+        f.bad(where, "only a tunnel route has tunnel hosts", "remove hosts from the forward route")
+        return ()
+    if not isinstance(raw, list) or not raw:
+        f.bad(where, f"got {raw!r}", 'give a non-empty list such as [{"name": "host-a", "port": 13306}]')
+        return ()
+    hosts: list[TunnelHost] = []
+    for i, item in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            f.bad(at, f"got {item!r}", 'give an object {"name": <tunnel host>, "port": <its loopback port>}')
+            continue
+        f.unknown_keys(at, item, {"name", "port"})
+        name = item.get("name")
+        if not isinstance(name, str) or not HOST_NAME_RE.match(name):
+            f.bad(f"{at}.name", f"got {name!r}", "use 1-63 lowercase letters, digits and '-', starting with a letter")
+            continue
+        port = f.integer(f"{at}.port", item.get("port"), 1, 65535)
+        if port is None:
+            continue
+        if any(h.name == name for h in hosts):
+            f.bad(f"{at}.name", f"{name!r} is used twice", "give every tunnel host of the route a unique name")
+        elif any(h.port == port for h in hosts):
+            f.bad(f"{at}.port", f"{port} is used twice", "give every tunnel host of the route its own port")
+        else:
+            hosts.append(TunnelHost(name=name, port=port))
+    return tuple(hosts)
 
 
 def _parse_probe(f: _Fields, where: str, raw: Any) -> Probe | None:
@@ -935,9 +981,12 @@ class RouteChecker(threading.Thread):
 
     def __init__(self, route: Route, stop: threading.Event,
                  check: Callable[[Route, Resolver], CheckResult] = run_check,
-                 host_key: HostKeyStatus | None = None):
-        super().__init__(name=f"check-{route.name}", daemon=True)
+                 host_key: HostKeyStatus | None = None, tunnel_host: str | None = None,
+                 on_result: Callable[[], None] | None = None):
+        super().__init__(name=f"check-{route.name}" + (f"-{tunnel_host}" if tunnel_host else ""), daemon=True)
         self.route = route
+        self.tunnel_host = tunnel_host  # one tunnel host's checker (of a HostsChecker), else None
+        self._on_result = on_result
         self.host_key = host_key
         self.result: CheckResult | None = None  # replaced whole: readers need no lock
         self.rounds = 0
@@ -965,6 +1014,8 @@ class RouteChecker(threading.Thread):
             self._count(self.result, result)
             self.result = result
             self.rounds += 1
+            if self._on_result is not None:
+                self._on_result()
             # Fixed rate; a round that overran starts the next at once, never a catch-up burst.
             next_start = max(next_start + interval, time.monotonic())
             self._stop_event.wait(next_start - time.monotonic())
@@ -1012,6 +1063,135 @@ class RouteChecker(threading.Thread):
     def retire(self) -> None:
         """Stop after the current round (a reload removed or changed this route)."""
         self._stop_event.set()
+
+
+class HostsChecker:
+    """A tunnel route carried by several tunnel hosts: one RouteChecker per host (each runs the
+    route's check at its host's port, once per interval), and the route's state from theirs.
+
+    The route is healthy while ANY host's last check passed and is fresh (what ``GET /routes/R``
+    answers the load balancer); ``status()`` adds every host's state under ``hosts``. It stands in
+    for a RouteChecker wherever the daemon keeps one per route (HTTP, metrics, reload, liveness):
+    ``result`` is the latest host result, ``rounds`` the checks of all hosts, and the route-level
+    counters follow the route's own up/down state (updated after each host's check).
+    """
+
+    def __init__(self, route: Route, hosts: dict[str, RouteChecker] | None = None,
+                 make: Callable[[Route, str, Callable[[], None]], RouteChecker] | None = None,
+                 host_key: HostKeyStatus | None = None):
+        assert route.hosts
+        self.route = route
+        self.host_key = host_key
+        self._lock = threading.Lock()
+        self.consecutive_failures = 0  # host checks in a row that ended with no host up
+        self.state_changes = 0
+        self.last_failure = "none"
+        self.state_since: float | None = None
+        self._healthy: bool | None = None
+        reuse = hosts or {}
+        self.hosts: dict[str, RouteChecker] = {}
+        for h in route.hosts:
+            checker = reuse.get(h.name)
+            if checker is None or checker.route != route.for_host(h) or (checker.ident is not None
+                                                                         and not checker.is_alive()):
+                assert make is not None
+                checker = make(route.for_host(h), h.name, self._host_done)
+            else:
+                checker._on_result = self._host_done
+            self.hosts[h.name] = checker
+
+    # -- the RouteChecker interface -------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.route.name
+
+    @property
+    def result(self) -> CheckResult | None:
+        results = [c.result for c in self.hosts.values() if c.result is not None]
+        return max(results, key=lambda r: r.finished_at) if results else None
+
+    @property
+    def rounds(self) -> int:
+        return sum(c.rounds for c in self.hosts.values())
+
+    @property
+    def heartbeat(self) -> float:
+        return min(c.heartbeat for c in self.hosts.values())
+
+    def start(self) -> None:
+        for checker in self.hosts.values():
+            if checker.ident is None:
+                checker.start()
+
+    def is_alive(self) -> bool:
+        return all(c.is_alive() for c in self.hosts.values())
+
+    def join(self, timeout: float | None = None) -> None:
+        for checker in self.hosts.values():
+            if checker.ident is not None:
+                checker.join(timeout)
+
+    def alive(self, now: float) -> bool:
+        return all(c.alive(now) for c in self.hosts.values())
+
+    def retire(self, keep: tuple[RouteChecker, ...] = ()) -> None:
+        for checker in self.hosts.values():
+            if checker not in keep:
+                checker.retire()
+
+    def _host_done(self) -> None:
+        """After any host's check: the route's own up/down state and counters."""
+        with self._lock:
+            latest = self.result
+            healthy = any(c.result is not None and c.result.healthy for c in self.hosts.values())
+            if healthy:
+                self.consecutive_failures = 0
+            else:
+                self.consecutive_failures += 1
+                if latest is not None and not latest.healthy:
+                    self.last_failure = latest.failure if latest.failure in FAILURE_REASONS else "other"
+            if self._healthy is not None and self._healthy != healthy:
+                self.state_changes += 1
+            if self._healthy != healthy:
+                self.state_since = latest.finished_at if latest is not None else time.monotonic()
+            self._healthy = healthy
+
+    def host_status(self, name: str, now: float) -> dict[str, Any] | None:
+        checker = self.hosts.get(name)
+        return None if checker is None else checker.status(now)
+
+    def status(self, now: float) -> dict[str, Any]:
+        probe = self.route.probe
+        hosts = {name: c.status(now) for name, c in self.hosts.items()}
+        up = [name for name, st in hosts.items() if st["healthy"]]
+        result = self.result
+        body: dict[str, Any] = {
+            "route": self.route.name, "healthy": bool(up), "reason": "", "warning": None, "mode": probe.mode,
+            "target": ", ".join(st["target"] for st in hosts.values()), "age_s": None, "latency_ms": None,
+            "checks": self.rounds, "hosts_up": len(up), "hosts_total": len(hosts),
+        }
+        for st in hosts.values():
+            del st["route"], st["mode"]
+        body["hosts"] = hosts
+        if all(st["reason"].startswith("starting:") for st in hosts.values()):
+            body["reason"] = "starting: no check has finished yet"
+            return body
+        if result is not None:
+            since = self.state_since
+            body.update(age_s=round(now - result.finished_at, 3), latency_ms=round(result.latency_s * 1000, 2),
+                        since_s=None if since is None else round(now - since, 1))
+        if up:
+            first = hosts[up[0]]
+            body["reason"] = (f"{len(up)} of {len(hosts)} tunnel hosts up ({', '.join(up)}); "
+                              f"{up[0]}: {first['reason']}")
+            warnings = [f"{name}: {st['warning']}" for name, st in hosts.items() if st["warning"]]
+            body["warning"] = "; ".join(warnings) or None
+        else:
+            body["reason"] = "no tunnel host up: " + "; ".join(f"{name}: {st['reason']}" for name, st in hosts.items())
+            if self.host_key is not None and (problem := self.host_key.problem()):
+                body["reason"] += f"; {problem}"
+        return body
 
 
 # --------------------------------------------------------------------------------------
@@ -1197,6 +1377,11 @@ def render_metrics(daemon: HealthDaemon, now: float) -> str:
                "(none: no failure since the checker started); 0 for the other classes",
                [({"route": n, "reason": k}, "1" if k == reason else "0")
                 for n, _, _, _, reason in rows for k in FAILURE_REASONS])
+    hosts = [({"route": n, "host": h}, "1" if hs["healthy"] else "0")
+             for n, _, st, _, _ in rows for h, hs in st.get("hosts", {}).items()]
+    if hosts:  # routes carried by tunnel hosts (at most 8 per route: spec MAX_TUNNEL_HOSTS)
+        out.family("tunnelhub_tunnel_host_up", "gauge", "1 when the tunnel host's last check of the route passed "
+                   "and is fresh (HAProxy's agent for that host reads up), else 0", hosts)
     out.family("tunnelhub_config_info", "gauge", "The hub configuration document version loaded (value always 1)",
                [({"config_version": daemon.config.config_version or "none"}, "1")])
     sample = daemon.haproxy.sample()
@@ -1212,6 +1397,57 @@ def render_metrics(daemon: HealthDaemon, now: float) -> str:
                 if values:
                     out.family(family, kind, sample.help.get(family, family), values)
     return out.text()
+
+
+# --------------------------------------------------------------------------------------
+# HAProxy agent (GET /agent/<route>[/<tunnel host>])
+# --------------------------------------------------------------------------------------
+
+AGENT_REASON_MAX = 120  # HAProxy keeps a check description of up to 127 bytes (HCHK_DESC_LEN)
+
+
+def _agent_line(healthy: bool, reason: str) -> str:
+    if healthy:
+        return "up\n"
+    text = "".join(c if " " <= c <= "~" else " " for c in reason)[:AGENT_REASON_MAX]
+    return f"down #{text}\n"  # '#' must start a word: "down#x" is one unknown word to HAProxy
+
+
+def _is_self(sock: socket.socket | None) -> bool:
+    """A connection from this machine to one of its own non-loopback addresses (source = the
+    destination): the peer path's agent asked by this proxy's own ``peer_<slot>`` entry."""
+    if sock is None:
+        return False
+    try:
+        local, peer = sock.getsockname()[0], sock.getpeername()[0]
+    except (OSError, IndexError):
+        return False
+    try:
+        address = ipaddress.ip_address(local.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return local == peer and not (mapped or address).is_loopback
+
+
+def agent_reply(daemon: HealthDaemon, rest: str, now: float, sock: socket.socket | None = None) -> str:
+    """The agent line for ``<route>/<tunnel host>`` (that host's cached check, the local servers of
+    ``listen <route>`` and ``<route>_peer``) or ``<route>`` (any host up: a peer's backup entry,
+    so ``down #self`` when this proxy asks itself: its own peer path only reaches tunnels it already
+    has). Never runs a check; an unknown route or host is ``down`` with the reason."""
+    route, _, host = rest.partition("/")
+    checker = daemon.checkers.get(route)
+    if checker is None:
+        return _agent_line(False, f"no route {route!r} in the health daemon's config (reload pending?)")
+    if not host:
+        if _is_self(sock):
+            return _agent_line(False, "self: this proxy's own peer path is never a backup of itself")
+        status = checker.status(now)
+        return _agent_line(status["healthy"], status["reason"])
+    if not isinstance(checker, HostsChecker) or host not in checker.hosts:
+        return _agent_line(False, f"route {route!r} has no tunnel host {host!r} in the health daemon's config")
+    status = checker.hosts[host].status(now)
+    return _agent_line(status["healthy"], status["reason"])
 
 
 # --------------------------------------------------------------------------------------
@@ -1238,6 +1474,9 @@ class HealthHandler(BaseHTTPRequestHandler):
         if path == "/metrics":
             self._send(200, render_metrics(daemon, now).encode("utf-8"), METRICS_CONTENT_TYPE, send_body)
             return
+        if path.startswith("/agent/"):
+            self._agent(daemon, path[len("/agent/"):], now)
+            return
         if path.startswith("/routes/"):
             checker = daemon.checkers.get(path[len("/routes/"):])
             if checker is None:
@@ -1253,9 +1492,17 @@ class HealthHandler(BaseHTTPRequestHandler):
             body = daemon.liveness(now)
             code = 200 if body["alive"] else 503
         else:
-            code, body = 404, {"error": "unknown path", "paths": ["/", "/healthz", "/metrics", "/routes/<name>"]}
+            code, body = 404, {"error": "unknown path", "paths": ["/", "/healthz", "/metrics", "/routes/<name>",
+                                                                 "/agent/<route>", "/agent/<route>/<tunnel host>"]}
         payload = (json.dumps(body, separators=(",", ":")) + "\n").encode("utf-8")
         self._send(code, payload, "application/json", send_body)
+
+    def _agent(self, daemon: HealthDaemon, rest: str, now: float) -> None:
+        """HAProxy's agent check (configuration.txt 5.2, "agent-check"): one raw line, no HTTP
+        status line or headers (HAProxy parses the first line of the answer as agent words:
+        ``up``, or ``down #<description>``), then close."""
+        self.close_connection = True
+        self.wfile.write(agent_reply(daemon, rest, now, self.connection).encode("ascii"))
 
     def _send(self, code: int, payload: bytes, content_type: str, send_body: bool) -> None:
         daemon = self.server.health
@@ -1345,8 +1592,17 @@ class HealthDaemon:
         self._started = False
         self._logged: dict[str, tuple[bool, str, str | None]] = {}
 
-    def _new_checker(self, route: Route) -> RouteChecker:
-        return RouteChecker(route, threading.Event(), self._check, self.host_key)
+    def _new_checker(self, route: Route, previous: Any = None) -> RouteChecker | HostsChecker:
+        """A route's checker: a RouteChecker, or a HostsChecker (one RouteChecker per tunnel
+        host) for a route with ``hosts``, reusing ``previous``'s unchanged host checkers."""
+        if not route.hosts:
+            return RouteChecker(route, threading.Event(), self._check, self.host_key)
+
+        def make(host_route: Route, host: str, on_result: Callable[[], None]) -> RouteChecker:
+            return RouteChecker(host_route, threading.Event(), self._check, None, host, on_result)
+
+        reuse = previous.hosts if isinstance(previous, HostsChecker) else None
+        return HostsChecker(route, reuse, make, self.host_key)
 
     @property
     def port(self) -> int:
@@ -1372,7 +1628,7 @@ class HealthDaemon:
         for checker in checkers:
             checker.retire()
         for checker in checkers:
-            if checker.is_alive():
+            if isinstance(checker, HostsChecker) or checker.is_alive():
                 checker.join(join_timeout_s)
 
     # -- live reload ------------------------------------------------------------------------
@@ -1399,20 +1655,24 @@ class HealthDaemon:
                 new[route.name] = checker
                 kept.append(route.name)
                 continue
-            checker = self._new_checker(route)
+            checker = self._new_checker(route, checker)
             if self._started:
                 checker.start()
             new[route.name] = checker
             started.append(route.name)
-        retired = [c for name, c in old.items() if new.get(name) is not c]
+        retired = [(name, c) for name, c in old.items() if new.get(name) is not c]
         self.checkers = new  # one reference swap: handlers see the old set or the new one
         self.config = config
         self.reloads += 1
-        for checker in retired:
-            checker.retire()
+        for name, checker in retired:
+            if isinstance(checker, HostsChecker):
+                successor = new.get(name)  # its unchanged hosts' checkers live on in the new route
+                checker.retire(tuple(successor.hosts.values()) if isinstance(successor, HostsChecker) else ())
+            else:
+                checker.retire()
         stopped = [name for name in old if name not in new]
-        for name in [n for n in self._logged if n not in new or n in started]:
-            del self._logged[name]
+        for key in [k for k in self._logged if k.split("/", 1)[0] not in new or k.split("/", 1)[0] in started]:
+            del self._logged[key]
         return ReloadResult(version=config.config_version, kept=tuple(kept), started=tuple(started),
                             stopped=tuple(stopped))
 
@@ -1452,27 +1712,46 @@ class HealthDaemon:
         return {"alive": all(c["alive"] for c in checkers.values()), "checkers": checkers}
 
     def log_changes(self, now: float) -> None:
-        """Log each route's effective state (what the LB sees) when it changes."""
+        """Log each route's effective state (what the LB sees) when it changes, and each tunnel
+        host's state (what HAProxy's agent for that host reads) when it changes."""
         for name, checker in self.checkers.items():
             status = checker.status(now)
             if status["reason"].startswith("starting:"):
                 continue
-            reason = status["reason"]
-            if reason.startswith("stale:"):
-                reason = reason.split(", last result:", 1)[0]  # ages move; keep it stable
-                reason = re.sub(r"finished [0-9.]+ s ago", "finished too long ago", reason)
-            state = (status["healthy"], reason, status["warning"])
-            if self._logged.get(name) != state:
-                self._logged[name] = state
-                if state[0]:
-                    LOG.info("route %s UP: %s", name, reason)
-                else:
-                    LOG.warning("route %s DOWN: %s", name, reason)
-                if state[2]:
-                    LOG.warning("route %s WARNING: %s", name, state[2])
+            if isinstance(checker, HostsChecker):
+                up = tuple(h for h, st in status["hosts"].items() if st["healthy"])
+                summary = (f"{len(up)} of {status['hosts_total']} tunnel hosts up ({', '.join(up)})" if up
+                           else "no tunnel host up")
+                self._log_state(name, f"route {name}", (bool(up), summary, None))
+                for host, st in status["hosts"].items():
+                    if not st["reason"].startswith("starting:"):
+                        self._log_state(f"{name}/{host}", f"route {name} tunnel host {host}",
+                                        (st["healthy"], _stable_reason(st["reason"]), st["warning"]))
+                continue
+            self._log_state(name, f"route {name}", (status["healthy"], _stable_reason(status["reason"]),
+                                                    status["warning"]))
+
+    def _log_state(self, key: str, what: str, state: tuple[bool, str, str | None]) -> None:
+        if self._logged.get(key) == state:
+            return
+        self._logged[key] = state
+        if state[0]:
+            LOG.info("%s UP: %s", what, state[1])
+        else:
+            LOG.warning("%s DOWN: %s", what, state[1])
+        if state[2]:
+            LOG.warning("%s WARNING: %s", what, state[2])
 
     def dead_checkers(self) -> list[str]:
         return [name for name, checker in self.checkers.items() if not checker.is_alive()]
+
+
+def _stable_reason(reason: str) -> str:
+    """A reason without the ages a stale result's text carries (so a log line per change only)."""
+    if reason.startswith("stale:"):
+        reason = reason.split(", last result:", 1)[0]
+        reason = re.sub(r"finished [0-9.]+ s ago", "finished too long ago", reason)
+    return reason
 
 
 def reload_from_file(daemon: HealthDaemon, path: str) -> ReloadResult | None:
@@ -1492,10 +1771,13 @@ def reload_from_file(daemon: HealthDaemon, path: str) -> ReloadResult | None:
 def _run_once(config: Config) -> int:
     results = {}
     for route in config.routes:
-        result = run_check(route)
-        results[route.name] = {"healthy": result.healthy, "reason": result.reason,
-                               "warning": result.warning,
-                               "latency_ms": round(result.latency_s * 1000, 2)}
+        checks = {h.name: run_check(route.for_host(h)) for h in route.hosts} or {"": run_check(route)}
+        entry = {name: {"healthy": result.healthy, "reason": result.reason, "warning": result.warning,
+                        "latency_ms": round(result.latency_s * 1000, 2)} for name, result in checks.items()}
+        if route.hosts:
+            results[route.name] = {"healthy": any(e["healthy"] for e in entry.values()), "hosts": entry}
+        else:
+            results[route.name] = entry[""]
     print(json.dumps(results, indent=2))
     return 0 if all(r["healthy"] for r in results.values()) else 1
 
