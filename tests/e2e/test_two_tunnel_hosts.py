@@ -293,6 +293,8 @@ def test_a_host_stopped_costs_no_connection_and_rejoins_by_itself(hub2: Generate
     record("15a host A stopped", "units stopped -> A unhealthy on every proxy", detect_s)
     record("15a host A stopped", "sessions from A / B while A is down (4 s)", f"{a_while} / {b_while}", unit="",
            target="0 / all")
+    record("15a host A stopped", "slowest new connection (a retry waits min(timeout connect, 1 s))",
+           max(r.latency_s for r in results), reference="HAProxy's retry turn-around")
     record("15a host A stopped", "LB states / proxies' /routes codes seen", f"{watch.lb_states()} / {watch.codes()}",
            unit="", target="UP / 200 only")
     record("15a host A stopped", "units started -> A healthy on every proxy", rejoin_s,
@@ -398,6 +400,8 @@ def test_c_host_killed_entirely_costs_no_connection_and_comes_back(hub2: Generat
     record("15c host A killed", "killed -> A's listeners gone on every proxy", gone_s)
     record("15c host A killed", "new connections failed (down 5 s, then started)", f"{len(fails)}/{len(results)}",
            unit="", target="0", bound="0")
+    record("15c host A killed", "slowest new connection (a retry waits min(timeout connect, 1 s))",
+           max(r.latency_s for r in results), reference="HAProxy's retry turn-around")
     record("15c host A killed", "LB states / proxies' /routes codes seen", f"{watch.lb_states()} / {watch.codes()}",
            unit="", target="UP / 200 only")
     record("15c host A killed", "units started -> A healthy on every proxy", rejoin_s, bound=f"<= {REJOIN_BOUND_S:.0f} s")
