@@ -114,3 +114,41 @@ def test_hub_layout_routes_through_the_gateway_and_a_cut_is_per_proxy() -> None:
         finally:
             server.close()
             other.close()
+
+
+def test_hub_layout_with_two_tunnel_hosts_each_on_both_lans_and_a_cut_is_per_host() -> None:
+    """``hub_lab(tunnel_hosts=2)``: host B (``onprem2``) reaches the proxies through the gateway
+    from ``192.168.10.6`` and the database from ``192.168.20.6``; cutting host A's gateway link
+    leaves B's path (and A's database link) up."""
+    require_lab()
+    with hub_lab(tunnel_hosts=2) as lab:
+        topo = lab.topology
+        assert lab.tunnel_host_nodes == ["onprem", "onprem2"]
+        assert lab.tunnel_host_addresses == ["192.168.20.5", "192.168.20.6"]
+        route = topo.exec("onprem2", ["ip", "route", "get", "10.60.0.6"]).stdout
+        assert "via 192.168.10.1" in route and "src 192.168.10.6" in route, route
+        with topo.in_ns("proxy2"):
+            server = socket.create_server(("10.60.0.6", 5000))
+        with topo.in_ns("db"):
+            db_server = socket.create_server(("192.168.20.15", 5001))
+        try:
+            topo.cut("onprem", "gw")
+            with topo.in_ns("onprem"), pytest.raises(TimeoutError):
+                socket.create_connection(("10.60.0.6", 5000), timeout=1.5)
+            with topo.in_ns("onprem2"):
+                socket.create_connection(("10.60.0.6", 5000), timeout=3).close()
+            peer, address = server.accept()
+            peer.close()
+            assert address[0] == "192.168.10.6", "the proxy sees host B's own address"
+            for node, source in (("onprem", "192.168.20.5"), ("onprem2", "192.168.20.6")):
+                with topo.in_ns(node):
+                    socket.create_connection(("192.168.20.15", 5001), timeout=3).close()
+                peer, address = db_server.accept()
+                peer.close()
+                assert address[0] == source, (node, address)
+            topo.restore("onprem", "gw")
+            with topo.in_ns("onprem"):
+                socket.create_connection(("10.60.0.6", 5000), timeout=3).close()
+        finally:
+            server.close()
+            db_server.close()

@@ -32,7 +32,7 @@ import time
 import pytest
 from nslab import generated
 from nslab.cdc import RowWriter, StreamingReader
-from nslab.client import Endpoint, QueryDriver, query_once, summarize
+from nslab.client import Endpoint, OpenLoopDriver, QueryDriver, query_once, summarize
 from nslab.fixtures import module_lab
 from nslab.haproxy import LbRoute
 from nslab.health import probe
@@ -186,8 +186,65 @@ def test_s01_baseline_queries_through_the_lb_all_succeed(hub: GeneratedHub, hubl
 
 # --------------------------------------------------------------------------------------------
 # 2-3. One tunnel killed; the reference's plain TCP probe: booted for real in tests/boot
-# (test_b04, test_b05: systemctl on the booted tunnel host, real proxies; docs/boot.md)
+# (test_b04, test_b05: systemctl on the booted tunnel host, real proxies; docs/boot.md).
+# Issue 15 reruns scenario 2 here, in the fast lab, for the peer backup path.
 # --------------------------------------------------------------------------------------------
+
+
+def test_s02_tunnel_killed_the_peer_backup_path_carries_every_new_connection(hub: GeneratedHub,
+                                                                             hublab: Lab) -> None:
+    """Issue 15's rerun of scenario 2 (one tunnel host): proxy1's only tunnel stopped, then (after
+    it is back) every process of its unit SIGKILLed, with a client opening a new connection through
+    the LB ten times a second (open loop). proxy1's HAProxy finds the tunnel's listener gone
+    (connection refused), retries and redispatches to its backup server, proxy2's ``labdb-peer``
+    listener, which uses proxy2's own tunnel (HAProxy configuration manual: ``retries``, ``option
+    redispatch``, ``backup``). proxy1's ``GET /routes/labdb`` answers 503 (only its local tunnels
+    count) and the LB takes proxy1 out, as before; the difference is that nothing fails meanwhile.
+    Target and bound: 0 failed new connections in both outages."""
+    lab = hublab
+    runner = lab.tunnels[PROXY]
+    driver = OpenLoopDriver(lab.endpoint(connect_timeout_s=3, read_timeout_s=3), rate_hz=2 * QUERY_RATE_HZ).start()
+    try:
+        time.sleep(2)
+        stopped_at = time.monotonic()
+        runner.stop()
+        lab.wait_tunnel_listener(PROXY, present=False, timeout_s=10)
+        down_s = lab.lb.wait_state(hub.backend, PROXY, "DOWN", timeout_s=60, since=stopped_at)
+        down_at = time.monotonic()
+        time.sleep(2)
+        started_at = time.monotonic()
+        runner.start()
+        lab.wait_tunnel_listener(PROXY, timeout_s=RECOVERY_BOUND_S)
+        rejoin_s = lab.lb.wait_state(hub.backend, PROXY, "UP", timeout_s=60, since=started_at)
+        time.sleep(1)
+        killed_at = time.monotonic()
+        runner.kill(signal.SIGKILL)
+        lab.wait_tunnel_listener(PROXY, present=False, timeout_s=10)
+        lab.wait_tunnel_listener(PROXY, timeout_s=RECOVERY_BOUND_S)
+        back_s = time.monotonic() - killed_at
+        time.sleep(2)
+    finally:
+        results = driver.stop()
+    stop_window = [r for r in results if stopped_at - IN_FLIGHT_S <= r.started < down_at + 0.5]
+    kill_window = [r for r in results if killed_at - IN_FLIGHT_S <= r.started < killed_at + back_s + 0.5]
+    failed = [r for r in results if not r.ok]
+    record("2 tunnel killed (peer backup)", "unit stopped -> LB takes proxy1 out", down_s,
+           bound=f"<= {DETECTION_BOUND_S:.0f} s", reference="booted lab before issue 15: 7.8 s")
+    record("2 tunnel killed (peer backup)", "  new connections failed before the LB took it out",
+           pct(sum(not r.ok for r in stop_window), len(stop_window)), unit="failed", target="0", bound="0",
+           reference="about a third for ~8 s (before issue 15)")
+    record("2 tunnel killed (peer backup)", "unit started -> proxy1 back in rotation", rejoin_s)
+    record("2 tunnel killed (peer backup)", "every unit process SIGKILLed -> tunnel back", back_s,
+           bound=f"<= {RECOVERY_BOUND_S:.0f} s")
+    record("2 tunnel killed (peer backup)", "  new connections failed in that outage",
+           pct(sum(not r.ok for r in kill_window), len(kill_window)), unit="failed", target="0", bound="0",
+           reference="1/3 and 1/10 (before issue 15)")
+    record("2 tunnel killed (peer backup)", "new connections failed, whole run", pct(len(failed), len(results)),
+           unit="failed", target="0", bound="0")
+    assert down_s <= DETECTION_BOUND_S
+    assert back_s <= RECOVERY_BOUND_S
+    assert stop_window and kill_window
+    assert failed == [], summarize(failed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -111,6 +111,46 @@ class QueryDriver:
             self._thread.join(timeout=bound)
         return list(self.results)
 
+
+@dataclass
+class OpenLoopDriver(QueryDriver):
+    """Like :class:`QueryDriver`, but *open loop*: a new connection every ``1/rate_hz`` s in a
+    thread of its own, whether or not the previous ones have finished (at most ``max_in_flight``
+    at once). A path that hangs (a half-open tunnel) then costs every query started while it is
+    chosen, not one query per timeout: the failure count and window are what clients see."""
+
+    max_in_flight: int = 64
+    _workers: list[threading.Thread] = field(default_factory=list, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def _one(self) -> None:
+        result = query_once(self.endpoint, self.sql)
+        with self._lock:
+            self.results.append(result)  # in completion order (list.append is atomic)
+
+    def _run(self) -> None:
+        period = 1.0 / self.rate_hz
+        next_at = time.monotonic()
+        for _ in range(self.max_queries):
+            if self._stop.is_set():
+                return
+            self._workers = [w for w in self._workers if w.is_alive()]
+            if len(self._workers) < self.max_in_flight:
+                worker = threading.Thread(target=self._one, name="query", daemon=True)
+                worker.start()
+                self._workers.append(worker)
+            next_at += period
+            if self._stop.wait(max(0.0, next_at - time.monotonic())):
+                return
+
+    def stop(self) -> list[QueryResult]:
+        super().stop()
+        bound = time.monotonic() + self.endpoint.connect_timeout_s + self.endpoint.read_timeout_s + 5
+        for worker in list(self._workers):
+            worker.join(timeout=max(0.0, bound - time.monotonic()))
+        with self._lock:
+            return sorted(self.results, key=lambda r: r.started)
+
     # -- judging ------------------------------------------------------------------------------
 
     def between(self, start: float, end: float) -> list[QueryResult]:

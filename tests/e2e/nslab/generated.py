@@ -142,8 +142,12 @@ def start_proxy(lab: Lab, proxy: str, vm: VmRoot) -> ProxyRuntime:
     _ensure_runtime_dirs(vm, " ".join(command.argv))
     files = [command.argv[i + 1] for i, word in enumerate(command.argv[:-1]) if word == "-f"]
     check = [command.argv[0], "-c", "-q", *(word for f in files for word in ("-f", f))]
+    # the generated config's own stats socket (under the proxy's /run): the lab reads each
+    # server's state there (the tunnel hosts' and the peers' servers of a route)
+    stats = re.search(r"(?m)^\s*stats socket (\S+)", base.read_text())
     haproxy = Haproxy(workdir=base.parent, netns=lab.topology.ns(proxy), log_dir=lab.log_dir,
-                      name=f"{proxy}-haproxy", argv=command.argv, check_argv=check)
+                      name=f"{proxy}-haproxy", argv=command.argv, check_argv=check,
+                      stats_socket=Path(stats.group(1)) if stats else None)
     lab.on_close(f"{proxy} haproxy", haproxy.stop)
     runtime.services["haproxy"] = haproxy.start()
 

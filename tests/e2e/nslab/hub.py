@@ -63,7 +63,7 @@ from .cloudinit import VmRoot, rewrite_paths
 from .haproxy import LbRoute
 from .imds import FakeImds
 from .lab import Lab
-from .netns import hub_links
+from .netns import hub_links, tunnel_host_nodes
 from .proc import LabError
 from .unit import ServiceRunner, UnitCommand, load_unit
 
@@ -85,15 +85,29 @@ def proxy_ips(count: int) -> list[str]:
     return [str(ip) for ip in plan.proxy_ips]
 
 
-def hub_lab(*, proxies: int = 2, client_to_db: bool = False, remote_service: bool = False) -> Lab:
-    """A :class:`Lab` laid out as the lab hub expects (not opened yet)."""
-    links, routes = hub_links(proxy_ips(proxies), client_to_db=client_to_db, remote_service=remote_service)
+def hub_lab(*, proxies: int = 2, client_to_db: bool = False, remote_service: bool = False,
+            tunnel_hosts: int = 1) -> Lab:
+    """A :class:`Lab` laid out as the lab hub expects (not opened yet); ``tunnel_hosts`` > 1 adds
+    the namespaces ``onprem2``... (:func:`nslab.netns.hub_links`)."""
+    links, routes = hub_links(proxy_ips(proxies), client_to_db=client_to_db, remote_service=remote_service,
+                              tunnel_hosts=tunnel_hosts)
     return Lab(proxies=proxies, tunnel_user=TUNNEL_USER, links=links, routes=routes)
 
 
 def hub_spec_data(*, tunnel_public_key: str, admin_public_key: str, db_address: str,
-                  proxies: int = 2, tcp_quickack: bool = True) -> dict:
-    """The lab hub, as spec YAML data (defaults left to the spec: 5 s x 2 LB probes, 2 s checks)."""
+                  proxies: int = 2, tcp_quickack: bool = True,
+                  tunnel_hosts: Sequence[TunnelHostSpec] = ()) -> dict:
+    """The lab hub, as spec YAML data (defaults left to the spec: 5 s x 2 LB probes, 2 s checks).
+
+    ``tunnel_hosts`` empty: the single-host form (``onprem.tunnel_public_keys``, one host named
+    ``tunnel-host``); else ``onprem.tunnel_hosts``, each host with its own key and its own address
+    as ``source_cidrs`` (so each key's ``from=`` admits only its own host)."""
+    onprem: dict = {"source_cidrs": [SOURCE_CIDR], "tunnel_user": TUNNEL_USER, "tcp_quickack": tcp_quickack}
+    if tunnel_hosts:
+        onprem["tunnel_hosts"] = [{"name": h.name, "public_keys": [h.public_key],
+                                   "source_cidrs": [f"{h.address}/32"]} for h in tunnel_hosts]
+    else:
+        onprem["tunnel_public_keys"] = [tunnel_public_key]
     return {
         "name": HUB_NAME,
         "cloud": "azure",
@@ -103,9 +117,33 @@ def hub_spec_data(*, tunnel_public_key: str, admin_public_key: str, db_address: 
                     "admin_ssh_public_keys": [admin_public_key]},
         "routes": [{"name": ROUTE_NAME, "kind": "tunnel", "port": ROUTE_PORT,
                     "target": f"{db_address}:3306", "type": "mysql"}],
-        "onprem": {"source_cidrs": [SOURCE_CIDR], "tunnel_public_keys": [tunnel_public_key],
-                   "tunnel_user": TUNNEL_USER, "tcp_quickack": tcp_quickack},
+        "onprem": onprem,
     }
+
+
+@dataclass(frozen=True)
+class TunnelHostSpec:
+    """One tunnel host of a multi-host lab hub, as the spec names it."""
+
+    name: str  # the spec's tunnel_hosts[].name ("th-a")
+    public_key: str
+    address: str  # its on-prem LAN address (its source_cidrs: this /32)
+
+
+@dataclass
+class OnPremHost:
+    """One tunnel host of the lab hub: its namespace, its key, its own package and installed files."""
+
+    name: str
+    """The spec's name (``th-a``; the single-host form's one host is ``tunnel-host``)."""
+    node: str
+    """The lab namespace it runs in (``onprem``, ``onprem2``)."""
+    key_name: str
+    """The lab key (``Lab.key``) that is this host's tunnel key."""
+    deb: DebBuild = field(init=False)
+    vm: VmRoot = field(init=False)
+    unit_vm_path: str = field(init=False)
+    rewrites: list[str] = field(default_factory=list, init=False)
 
 
 @dataclass
@@ -114,14 +152,16 @@ class GeneratedHub:
 
     lab: Lab
     tcp_quickack: bool = True
+    tunnel_host_names: Sequence[str] = ()
+    """Empty: the single-host form (one host, ``onprem``). Else one spec tunnel host per name, the
+    first in ``onprem``, the next in ``onprem2``... (the lab needs ``hub_lab(tunnel_hosts=N)``)."""
     hub: Hub = field(init=False)
     spec_data: dict = field(init=False)
     document: HubDocument = field(init=False)
-    deb: DebBuild = field(init=False)
-    onprem: VmRoot = field(init=False)
-    unit_vm_path: str = field(init=False)
-    rewrites: list[str] = field(default_factory=list, init=False)
     imds: dict[str, FakeImds] = field(default_factory=dict, init=False)
+    hosts: list[OnPremHost] = field(default_factory=list, init=False)
+    tunnels: dict[tuple[str, str], ServiceRunner] = field(default_factory=dict, init=False)
+    """``(tunnel host name, proxy)`` -> the unit instance running that host's slot for the proxy."""
     _bootstraps: dict[int, bytes] = field(default_factory=dict, init=False)
     _spec_count: int = field(default=0, init=False)
 
@@ -133,20 +173,61 @@ class GeneratedHub:
             raise LabError("the lab's proxies are not at the spec's addresses: build it with hub_lab()")
         _, tunnel_pub = lab.key("tunnel_ed25519")
         _, admin_pub = lab.key("admin_ed25519")
+        nodes = tunnel_host_nodes(max(1, len(self.tunnel_host_names)))
+        missing = [n for n in nodes if n not in lab.topology.nodes]
+        if missing:
+            raise LabError(f"the lab has no namespace {missing} for the tunnel hosts: "
+                           f"build it with hub_lab(tunnel_hosts={len(nodes)})")
+        specs: list[TunnelHostSpec] = []
+        if self.tunnel_host_names:
+            for k, (name, node) in enumerate(zip(self.tunnel_host_names, nodes, strict=True)):
+                key_name = "tunnel_ed25519" if k == 0 else f"tunnel_{node}_ed25519"
+                specs.append(TunnelHostSpec(name, lab.key(key_name)[1], lab.topology.ip(node, "gw")))
+                self.hosts.append(OnPremHost(name, node, key_name))
         self.spec_data = hub_spec_data(tunnel_public_key=tunnel_pub, admin_public_key=admin_pub,
                                        db_address=lab.db_host, proxies=len(lab.proxy_names),
-                                       tcp_quickack=self.tcp_quickack)
+                                       tcp_quickack=self.tcp_quickack, tunnel_hosts=specs)
         self.hub = self._load(self.spec_data)
+        if not self.hosts:
+            self.hosts.append(OnPremHost(self.hub.tunnel_hosts[0].name, "onprem", "tunnel_ed25519"))
         self.document = render_document(self.hub)
         self._bootstraps = {slot: render_cloud_init(self.hub, slot).payload for slot in range(len(lab.proxy_names))}
-        self.deb = self._build_deb()
-        self.onprem = self._install_onprem()
+        for host in self.hosts:
+            host.deb = self._build_deb(host)
+            host.vm = self._install_onprem(host)
         # The proxies are in one /26 but each on its own link to the gateway: a proxy ARPs for a
         # peer on-link. Azure's network answers every ARP in a subnet itself (its virtual gateway
         # MAC), so the lab's gateway answers for the peers (proxy ARP) and routes between them:
         # the rollout gate's proxy-to-proxy health queries travel as in the VNet.
         for proxy in lab.proxy_names:
             lab.topology.sysctl("gw", f"net.ipv4.conf.{lab.topology.ifname('gw', proxy)}.proxy_arp", 1)
+
+    # -- the first tunnel host (the single-host form's only one), as before -------------------------
+
+    @property
+    def deb(self) -> DebBuild:
+        return self.hosts[0].deb
+
+    @property
+    def onprem(self) -> VmRoot:
+        return self.hosts[0].vm
+
+    @property
+    def unit_vm_path(self) -> str:
+        return self.hosts[0].unit_vm_path
+
+    def host(self, name: str | None = None) -> OnPremHost:
+        """A tunnel host by its spec name (default: the first)."""
+        if name is None:
+            return self.hosts[0]
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise LabError(f"no tunnel host {name!r} in the lab hub: {[h.name for h in self.hosts]}")
+
+    def tunnel_port(self, host: str | None = None) -> int:
+        """The loopback port ``host``'s tunnel for the route holds on every proxy (the port plan)."""
+        return self.hub.host_tunnel_port(self.hub.routes[0], self.host(host).name)
 
     def _load(self, data: dict) -> Hub:
         name = f"lab-hub{'' if self.tcp_quickack else '-noquickack'}"
@@ -228,7 +309,7 @@ class GeneratedHub:
 
     # -- the on-prem package ------------------------------------------------------------------------
 
-    def _build_deb(self) -> DebBuild:
+    def _build_deb(self, host: OnPremHost) -> DebBuild:
         lab = self.lab
         outputs_path = lab.path("outputs.json")
         outputs_path.write_text(json.dumps({
@@ -239,26 +320,30 @@ class GeneratedHub:
             },
         }, indent=2))
         outputs = read_outputs(outputs_path, self.hub.stack_name)
-        deb = build_deb(self.hub, outputs, lab.path("dist"), source_date_epoch=SOURCE_DATE_EPOCH)
+        if self.hub.multi_host:  # one package per tunnel host (its own ports, its own name)
+            deb = build_deb(self.hub, outputs, lab.path("dist", host.name), source_date_epoch=SOURCE_DATE_EPOCH,
+                            tunnel_host=host.name)
+        else:
+            deb = build_deb(self.hub, outputs, lab.path("dist"), source_date_epoch=SOURCE_DATE_EPOCH)
         if deb.plan.warnings:
             raise LabError(f"building the lab's package warned: {deb.plan.warnings}")
         return deb
 
-    def _install_onprem(self) -> VmRoot:
-        plan = self.deb.plan
-        self.unit_vm_path = f"/lib/systemd/system/{plan.package}@.service"
-        wanted = [self.unit_vm_path, plan.ssh_config, plan.known_hosts,
+    def _install_onprem(self, host: OnPremHost) -> VmRoot:
+        plan = host.deb.plan
+        host.unit_vm_path = f"/lib/systemd/system/{plan.package}@.service"
+        wanted = [host.unit_vm_path, plan.ssh_config, plan.known_hosts,
                   *(f"{plan.etc_dir}/slot-{slot}.env" for slot in range(len(plan.endpoints)))]
         if plan.tcp_quickack:
             wanted.append(plan.quickack_helper)
-        files: dict[str, bytes] = {path: deb_file(self.deb.path, path) for path in wanted}
-        key_path, _ = self.lab.key("tunnel_ed25519")
+        files: dict[str, bytes] = {path: deb_file(host.deb.path, path) for path in wanted}
+        key_path, _ = self.lab.key(host.key_name)
         files[plan.key_path] = key_path.read_bytes()
         modes = {plan.key_path: 0o600, plan.quickack_helper: 0o755}
-        root = self.lab.path("onprem", "root")
+        root = self.lab.path(host.node, "root")
         if root.exists():
             shutil.rmtree(root)
-        vm = self.lab.install_onprem(files, modes=modes)
+        vm = self.lab.install_onprem(files, modes=modes, node=host.node)
         # ssh reads its key and known_hosts from the paths ssh_config names: point them at the
         # lab's copies (the only two lines of ssh_config the lab changes, checked here).
         config = vm.file(plan.ssh_config)
@@ -270,24 +355,34 @@ class GeneratedHub:
         if [a.split()[0] for a, _ in changed] != ["IdentityFile", "UserKnownHostsFile"]:
             raise LabError(f"rewriting ssh_config changed more than its two paths: {changed}")
         config.host_path.write_text(text)
-        self.rewrites = [f"ssh_config: {a} -> {b}" for a, b in changed]
+        host.rewrites = [f"ssh_config: {a} -> {b}" for a, b in changed]
         return vm
 
-    def unit_path_map(self) -> dict[str, str]:
-        mapping = {path: str(f.host_path) for path, f in self.onprem.files.items()}
-        mapping["/run/"] = str(self.onprem.root / "run") + "/"
+    @property
+    def rewrites(self) -> list[str]:
+        """Every path the lab rewrote, on every tunnel host (named by its host with two or more)."""
+        if len(self.hosts) == 1:
+            return self.hosts[0].rewrites
+        return [f"{h.name}: {line}" for h in self.hosts for line in h.rewrites]
+
+    def unit_path_map(self, host: str | None = None) -> dict[str, str]:
+        vm = self.host(host).vm
+        mapping = {path: str(f.host_path) for path, f in vm.files.items()}
+        mapping["/run/"] = str(vm.root / "run") + "/"
         return mapping
 
-    def tunnel_command(self, proxy: str) -> UnitCommand:
-        """The unit instance for ``proxy``'s slot as the runner runs it, checked against the
-        unit's own words: only the paths named in :attr:`rewrites` may differ."""
+    def tunnel_command(self, proxy: str, host: str | None = None) -> UnitCommand:
+        """The unit instance for ``proxy``'s slot (of tunnel host ``host``'s package, default the
+        first) as the runner runs it, checked against the unit's own words: only the paths named
+        in :attr:`rewrites` may differ."""
         slot = str(self.slot(proxy))
-        plan = self.deb.plan
-        unit = self.onprem.file(self.unit_vm_path)
-        command = load_unit(unit.host_path, instance=slot, path_map=self.unit_path_map())
+        onprem = self.host(host)
+        plan = onprem.deb.plan
+        unit = onprem.vm.file(onprem.unit_vm_path)
+        command = load_unit(unit.host_path, instance=slot, path_map=self.unit_path_map(host))
         runtime_vm = "/run/" + plan.slot_runtime_directory.replace("%i", slot)
         env = {**unit_environment(unit.text), "RUNTIME_DIRECTORY": runtime_vm,
-               **read_env_file(self.onprem.file(f"{plan.etc_dir}/slot-{slot}.env").text)}
+               **read_env_file(onprem.vm.file(f"{plan.etc_dir}/slot-{slot}.env").text)}
         pairs = [(expand(exec_start_words(unit.text), env), command.argv)]
         for key, lines in (("ExecStartPre", command.start_pre), ("ExecStopPost", command.stop_post)):
             written = [expand(expand_instance(words, slot), env) for _, words in exec_commands(unit.text, key)]
@@ -301,39 +396,53 @@ class GeneratedHub:
             if len(words) != len(argv) or any(a not in allowed and not a.startswith(runtime_vm + "/")
                                               for a, _ in changed):
                 raise LabError(f"the lab's command differs from the unit beyond its paths: {words} vs {argv}")
-            self.rewrites += [f"unit: {a} -> {b}" for a, b in changed
-                              if f"unit: {a} -> {b}" not in self.rewrites]
+            onprem.rewrites += [f"unit: {a} -> {b}" for a, b in changed
+                                if f"unit: {a} -> {b}" not in onprem.rewrites]
         env_file = f"unit: EnvironmentFile={plan.etc_dir}/slot-%i.env -> lab copy"
-        if env_file not in self.rewrites:
-            self.rewrites.append(env_file)
+        if env_file not in onprem.rewrites:
+            onprem.rewrites.append(env_file)
         return command
 
-    def start_tunnel(self, proxy: str) -> ServiceRunner:
-        """Run the unit instance for ``proxy``'s slot in the ``onprem`` namespace."""
-        runner = self.lab.run_service("onprem", self.tunnel_command(proxy),
-                                      name=f"onprem-{self.deb.plan.package}@{self.slot(proxy)}")
-        self.lab.tunnels[proxy] = runner
+    def start_tunnel(self, proxy: str, host: str | None = None) -> ServiceRunner:
+        """Run the unit instance for ``proxy``'s slot of tunnel host ``host`` (default: the first)
+        in that host's namespace. The first host's runners are also ``lab.tunnels[proxy]``."""
+        onprem = self.host(host)
+        runner = self.lab.run_service(onprem.node, self.tunnel_command(proxy, onprem.name),
+                                      name=f"{onprem.node}-{onprem.deb.plan.package}@{self.slot(proxy)}")
+        self.tunnels[(onprem.name, proxy)] = runner
+        if onprem is self.hosts[0]:
+            self.lab.tunnels[proxy] = runner
         return runner
 
-    def known_hosts_digest(self) -> tuple[str, float]:
+    def host_tunnels(self, host: str | None = None) -> dict[str, ServiceRunner]:
+        """proxy -> the unit instance of ``host`` (default: the first) dialing it."""
+        name = self.host(host).name
+        return {p: r for (h, p), r in self.tunnels.items() if h == name}
+
+    def known_hosts_digest(self, host: str | None = None) -> tuple[str, float]:
         """sha256 and mtime of the tunnel host's known_hosts (it must never change)."""
-        path = self.onprem.file(self.deb.plan.known_hosts).host_path
+        onprem = self.host(host)
+        path = onprem.vm.file(onprem.deb.plan.known_hosts).host_path
         return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime
 
-    def ssh_config_path(self) -> Path:
-        return self.onprem.file(self.deb.plan.ssh_config).host_path
+    def ssh_config_path(self, host: str | None = None) -> Path:
+        onprem = self.host(host)
+        return onprem.vm.file(onprem.deb.plan.ssh_config).host_path
 
 
-def start_generated_hub(lab: Lab, *, tcp_quickack: bool = True, wait_s: float = 45.0
-                        ) -> GeneratedHub:
-    """Database, both proxies and both tunnels from the generated artifacts (LB not included)."""
+def start_generated_hub(lab: Lab, *, tcp_quickack: bool = True, wait_s: float = 45.0,
+                        tunnel_hosts: Sequence[str] = ()) -> GeneratedHub:
+    """Database, every proxy and every tunnel (each tunnel host's, with ``tunnel_hosts``) from the
+    generated artifacts (LB not included)."""
     if lab.db is None:
         lab.start_db()
-    hub = GeneratedHub(lab, tcp_quickack=tcp_quickack)
+    hub = GeneratedHub(lab, tcp_quickack=tcp_quickack, tunnel_host_names=tunnel_hosts)
     for proxy in lab.proxy_names:
         hub.start_proxy(proxy)
-    for proxy in lab.proxy_names:
-        hub.start_tunnel(proxy)
-    for proxy in lab.proxy_names:
-        lab.wait_tunnel_listener(proxy, timeout_s=wait_s)
+    for host in hub.hosts:
+        for proxy in lab.proxy_names:
+            hub.start_tunnel(proxy, host.name)
+    for host in hub.hosts:
+        for proxy in lab.proxy_names:
+            lab.wait_tunnel_listener(proxy, hub.tunnel_port(host.name), timeout_s=wait_s)
     return hub

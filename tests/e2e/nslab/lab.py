@@ -9,6 +9,7 @@ happened. Everything it starts is registered there the moment it is started.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -164,6 +165,17 @@ class Lab:
         """The tunnel host's address as the database sees it (the check user's host part)."""
         return self.topology.ip("onprem", "db")
 
+    @property
+    def tunnel_host_nodes(self) -> list[str]:
+        """The tunnel-host namespaces of this lab (``onprem``, and ``onprem2``... with two or more)."""
+        return [n for n in self.topology.nodes if n == "onprem" or re.fullmatch(r"onprem[2-9]", n)]
+
+    @property
+    def tunnel_host_addresses(self) -> list[str]:
+        """Every tunnel host's address as the database sees it (the check user logs in from each)."""
+        return [self.topology.ip(n, "db") for n in self.tunnel_host_nodes
+                if any({link.a, link.b} == {n, "db"} for link in self.topology.links)]
+
     # -- database ---------------------------------------------------------------------------------
 
     def start_db(self, *, bind_all: bool = False, max_connect_errors: int = 100) -> MariaDB:
@@ -171,7 +183,9 @@ class Lab:
         db = MariaDB(workdir=self.path("db"), netns=self.topology.ns("db"),
                      bind_address="0.0.0.0" if bind_all else self.topology.ip("db", "onprem"),
                      log_dir=self.log_dir, port=DB_PORT, max_connect_errors=max_connect_errors,
-                     check_user_host=self.tunnel_host_address)
+                     check_user_host=self.tunnel_host_address,
+                     more_check_user_hosts=tuple(a for a in self.tunnel_host_addresses
+                                                 if a != self.tunnel_host_address))
         self.db = db
         self.on_close("mariadb", db.stop)
         return db.start()
@@ -280,8 +294,9 @@ class Lab:
         return vm
 
     def install_onprem(self, files: Mapping[str, bytes | str],
-                       modes: Mapping[str, int] | None = None) -> VmRoot:
-        return install_files(self.path("onprem", "root"), files, modes=modes)
+                       modes: Mapping[str, int] | None = None, *, node: str = "onprem") -> VmRoot:
+        """Install a tunnel host's files under ``<workdir>/<node>/root``."""
+        return install_files(self.path(node, "root"), files, modes=modes)
 
     def tunnel_user_of(self, vm: VmRoot) -> str:
         dropins = vm.matching(r"^/etc/ssh/sshd_config\.d/.*\.conf$")

@@ -40,6 +40,8 @@ class MariaDB:
     check_user_host: str = "%"
     """The check user is password-less and has no grants, as the health daemon's mysql probe
     expects: ``'tunnelhub_check'@'<tunnel host>'``."""
+    more_check_user_hosts: tuple[str, ...] = ()
+    """The other tunnel hosts' addresses (two or more hosts: each one's checks log in from it)."""
     daemon: Daemon | None = field(default=None, init=False)
     _installed: bool = field(default=False, init=False)
 
@@ -122,6 +124,7 @@ class MariaDB:
             f"CREATE USER '{self.app_user}'@'%' IDENTIFIED BY '{self.app_password}';"
             f"GRANT ALL ON {self.app_database}.* TO '{self.app_user}'@'%';"
             f"CREATE USER '{self.check_user}'@'{self.check_user_host}';"
+            + "".join(f"CREATE USER '{self.check_user}'@'{h}';" for h in self.more_check_user_hosts) +
             f"CREATE TABLE {self.app_database}.events "
             "(id INT PRIMARY KEY AUTO_INCREMENT, payload VARCHAR(64) NOT NULL);"
         )

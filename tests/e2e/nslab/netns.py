@@ -61,7 +61,10 @@ def node_code(node: str) -> str:
     match = re.fullmatch(r"proxy([1-9])", node)
     if match:
         return f"p{match.group(1)}"
-    raise LabError(f"unknown lab node {node!r}: use db, onprem, gw, proxy1..proxy9, lb or client")
+    match = re.fullmatch(r"onprem([2-9])", node)  # a second (third...) tunnel host
+    if match:
+        return f"o{match.group(1)}"
+    raise LabError(f"unknown lab node {node!r}: use db, onprem, onprem2..onprem9, gw, proxy1..proxy9, lb or client")
 
 
 def _setns(fd: int) -> None:
@@ -153,6 +156,10 @@ class HubAddressing:
     """Where things are in :func:`hub_links` (defaults: the example hub ``weu``'s plan)."""
 
     onprem_lan: str = "192.168.10.5/24"  # the tunnel host, in onprem.source_cidrs
+    onprem_lan_more: tuple[str, ...] = ("192.168.10.6", "192.168.10.7", "192.168.10.8")
+    """With ``tunnel_hosts`` > 1: the second, third... tunnel host on the same on-prem LAN."""
+    db_lan_more: tuple[str, ...] = ("192.168.20.6", "192.168.20.7", "192.168.20.8")
+    """... and on the database LAN (the address the database sees its sessions from)."""
     onprem_gateway: str = "192.168.10.1/24"
     db_lan_onprem: str = "192.168.20.5/24"  # the tunnel host on the database LAN
     db: str = "192.168.20.15/24"
@@ -167,8 +174,14 @@ class HubAddressing:
     hub_cidr: str = "10.60.0.0/24"
 
 
+def tunnel_host_nodes(count: int) -> list[str]:
+    """The lab nodes of ``count`` tunnel hosts: ``onprem``, ``onprem2``, ..."""
+    return ["onprem", *(f"onprem{k}" for k in range(2, count + 1))]
+
+
 def hub_links(proxy_ips: list[str], *, client_to_db: bool = False, remote_service: bool = False,
-              addressing: HubAddressing = HubAddressing()) -> tuple[list, list[RouteSpec]]:
+              tunnel_hosts: int = 1, addressing: HubAddressing = HubAddressing()
+              ) -> tuple[list, list[RouteSpec]]:
     """The lab laid out like a hub: the tunnel host reaches the proxies' hub addresses through
     a gateway, as over ExpressRoute or a VPN::
 
@@ -184,11 +197,25 @@ def hub_links(proxy_ips: list[str], *, client_to_db: bool = False, remote_servic
     on every one, a ``/32`` route per proxy), so a cut of one proxy's link leaves the others.
     ``remote_service`` also links the gateway to ``db`` at ``100.64.0.15`` (a forward route's
     "remote service", see :class:`HubAddressing`).
+
+    ``tunnel_hosts`` > 1 adds ``onprem2``... (tunnel host B: ``192.168.10.6`` on the on-prem LAN,
+    ``192.168.20.6`` on the database LAN). Each extra host has its own link to the gateway and to
+    the database, addressed as if on the same two LANs (point to point like the proxies: the
+    gateway's ``192.168.10.1`` and the database's ``192.168.20.15`` as ``/32`` on those links, a
+    ``/32`` route back to the host), so a cut of host A's gateway link leaves host B's.
     """
     a = addressing
     links: list = [LinkSpec("onprem", "db", a.db_lan_onprem, a.db),
                    LinkSpec("onprem", "gw", a.onprem_lan, a.onprem_gateway)]
     routes = [RouteSpec("onprem", "default", via=a.onprem_gateway.split("/")[0])]
+    gateway, db_address = a.onprem_gateway.split("/")[0], a.db.split("/")[0]
+    lan_len, db_len = a.onprem_lan.split("/")[1], a.db.split("/")[1]
+    for k, node in enumerate(tunnel_host_nodes(tunnel_hosts)[1:]):
+        lan, db_lan = a.onprem_lan_more[k], a.db_lan_more[k]
+        links.append(LinkSpec(node, "db", f"{db_lan}/{db_len}", f"{db_address}/32"))
+        links.append(LinkSpec(node, "gw", f"{lan}/{lan_len}", f"{gateway}/32"))
+        routes += [RouteSpec("db", f"{db_lan}/32", dev_peer=node), RouteSpec("gw", f"{lan}/32", dev_peer=node),
+                   RouteSpec(node, "default", via=gateway)]
     for i, ip in enumerate(proxy_ips, 1):
         proxy = f"proxy{i}"
         links.append(LinkSpec("gw", proxy, f"{a.hub_gateway}/32", f"{ip}/{a.hub_prefix_len}"))
