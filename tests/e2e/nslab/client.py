@@ -111,6 +111,19 @@ class QueryDriver:
             self._thread.join(timeout=bound)
         return list(self.results)
 
+    # -- judging ------------------------------------------------------------------------------
+
+    def between(self, start: float, end: float) -> list[QueryResult]:
+        return [r for r in self.results if start <= r.started < end]
+
+    def failures(self) -> list[QueryResult]:
+        return [r for r in self.results if not r.ok]
+
+    def failures_outside(self, windows: Sequence[tuple[float, float]]) -> list[QueryResult]:
+        """Failed queries that started outside every ``(start, end)`` window."""
+        return [r for r in self.failures()
+                if not any(start <= r.started < end for start, end in windows)]
+
 
 @dataclass
 class OpenLoopDriver(QueryDriver):
@@ -150,19 +163,6 @@ class OpenLoopDriver(QueryDriver):
             worker.join(timeout=max(0.0, bound - time.monotonic()))
         with self._lock:
             return sorted(self.results, key=lambda r: r.started)
-
-    # -- judging ------------------------------------------------------------------------------
-
-    def between(self, start: float, end: float) -> list[QueryResult]:
-        return [r for r in self.results if start <= r.started < end]
-
-    def failures(self) -> list[QueryResult]:
-        return [r for r in self.results if not r.ok]
-
-    def failures_outside(self, windows: Sequence[tuple[float, float]]) -> list[QueryResult]:
-        """Failed queries that started outside every ``(start, end)`` window."""
-        return [r for r in self.failures()
-                if not any(start <= r.started < end for start, end in windows)]
 
 
 def summarize(results: Sequence[QueryResult]) -> str:
