@@ -30,11 +30,15 @@ JSON (``--json``, ``SCHEMA`` 1; keys are only ever added)::
                                 "state": "up" | "down" | "missing" | "unreachable",
                                 "reason": "<text>" | null, "warning": "<text>" | null,
                                 "since_s": 30.0 | null, "age_s": 0.4 | null,
-                                "config_version": "<version>" | null}]}]}
+                                "config_version": "<version>" | null,
+                                "hosts": {"<tunnel host>": {"state": "up" | "down", "reason": "<text>" | null,
+                                                            "since_s": 30.0 | null}}}]}]}
 
 ``state`` ``missing``: the proxy answered but does not run that route (an older or newer
 configuration: compare ``config_version``). ``since_s`` is the proxy's time in the current state
 when its daemon reports it, else null; ``age_s`` is how old the proxy's last check result is.
+``hosts`` (only when the proxy's daemon reports tunnel hosts for the route): each tunnel host's own
+check on that proxy; the route is up on a proxy while any of its hosts is.
 """
 
 from __future__ import annotations
@@ -163,7 +167,16 @@ def _cell(answer: ProxyAnswer, route: str) -> dict[str, Any]:
     for key in ("since_s", "age_s"):
         value = status.get(key)
         cell[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    hosts = status.get("hosts")
+    if isinstance(hosts, dict):  # a route carried by tunnel hosts: each host's own check on this proxy
+        cell["hosts"] = {
+            str(name): {"state": "up" if h.get("healthy") is True else "down",
+                        "reason": h.get("reason") if isinstance(h.get("reason"), str) else None,
+                        "since_s": h.get("since_s") if isinstance(h.get("since_s"), (int, float))
+                        and not isinstance(h.get("since_s"), bool) else None}
+            for name, h in hosts.items() if isinstance(h, dict)}
     return cell
+
 
 
 def route_rows(spec_routes: list[str], answers: list[ProxyAnswer]) -> list[dict[str, Any]]:

@@ -636,11 +636,14 @@ def test_security_groups_admit_only_what_each_side_needs(stacks, hubs):
         expected |= {(hub.proxies.health_port, hub.proxies.health_port, nlb_sg)}
         # the rollout gate: each proxy asks its canary peer's health endpoint
         expected |= {(hub.proxies.health_port, hub.proxies.health_port, proxy_sg)}
+        # the peer path: HAProxy's backup servers are the peers' peer ports (docs/proxy-runtime.md)
+        expected |= {(r.peer_port, r.peer_port, proxy_sg) for r in hub.tunnel_routes}
+        assert hub.tunnel_routes and all(r.peer_port for r in hub.tunnel_routes)
         assert ingress == expected
         egress = {(r["from_port"], r.get("cidr_ipv4") or r["referenced_security_group_id"])
                   for r in _rules(stack, "aws_vpc_security_group_egress_rule", "proxy-sg")}
         assert egress == {(p, "0.0.0.0/0") for p in {80, 443, *(r.target_port for r in hub.forward_routes)}} | {
-            (hub.proxies.health_port, proxy_sg)}
+            (hub.proxies.health_port, proxy_sg)} | {(r.peer_port, proxy_sg) for r in hub.tunnel_routes}
         classic = hub.databricks.classic.cidrs if hub.databricks and hub.databricks.classic else []
         nlb_in = {(r["from_port"], r["cidr_ipv4"]) for r in _rules(stack, "aws_vpc_security_group_ingress_rule", "nlb-sg")}
         assert nlb_in == {(r.port, str(c)) for r in hub.routes for c in classic}

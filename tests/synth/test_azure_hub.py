@@ -200,6 +200,8 @@ def test_nsg_allows_exactly_ssh_routes_and_health_then_denies_everything(weu):
         "allow-health-probe": (120, "Allow", "Tcp", ("AzureLoadBalancer",), ("8080",), "10.60.0.0/26"),
         # the rollout gate: a proxy's reconciler asks its canary peer (docs/live-config.md)
         "allow-health-from-proxies": (125, "Allow", "Tcp", ("10.60.0.0/26",), ("8080",), "10.60.0.0/26"),
+        # the peer path: HAProxy's backup servers are the peers' peer ports (docs/proxy-runtime.md)
+        "allow-peer-ports-from-proxies": (127, "Allow", "Tcp", ("10.60.0.0/26",), ("23306", "25432"), "10.60.0.0/26"),
         "deny-all-inbound": (4096, "Deny", "*", ("*",), ("*",), "*"),
     }
     # The deny rule sits below every allow rule and above Azure's AllowVnetInBound (65000).
@@ -612,6 +614,9 @@ def test_a_new_route_adds_one_probe_and_one_rule_and_opens_its_port(synth_spec, 
     routes_rule = next(f"azurerm_network_security_rule.{n}" for n, r in of_type(weu, "azurerm_network_security_rule").items()
                        if r["name"] == "allow-routes")
     assert changed.pop(routes_rule) == {"destination_port_ranges"}
+    peer_rule = next(f"azurerm_network_security_rule.{n}" for n, r in of_type(weu, "azurerm_network_security_rule").items()
+                     if r["name"] == "allow-peer-ports-from-proxies")
+    assert changed.pop(peer_rule) == {"destination_port_ranges"}  # the new route's peer port, in place
     # The proxies get the new route through the hub configuration document (user_data, applied
     # live) and its version tag, both updated in place; custom_data (ForceNew) does not change.
     assert all(k.startswith("azurerm_linux_virtual_machine.") and fields == {"user_data", "tags"}

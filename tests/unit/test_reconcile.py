@@ -217,6 +217,12 @@ BAD_DOCUMENTS = {
     "another health port": (_edit_signed(lambda p: p.update(health_port=9999)), "a new health port is a machine change"),
     "an invalid health route": (_edit_signed(lambda p: p["health"]["routes"][0]["probe"].update(mode="telepathy")),
                                 "payload.health: routes[0].probe.mode: got 'telepathy'"),
+    "a health route checking a tunnel host the port plan does not name": (
+        _edit_signed(lambda p: p["health"]["routes"][0]["hosts"][0].update(name="intruder")), "the port plan gives"),
+    "a health route checking a port the plan does not give": (
+        _edit_signed(lambda p: p["health"]["routes"][0]["hosts"][0].update(port=40001)), "the port plan gives"),
+    "a forward route with tunnel hosts": (
+        _edit_signed(lambda p: p["health"]["routes"][1].update(kind="forward")), "only a tunnel route has tunnel hosts"),
     "a key the summary does not list": (
         _edit_signed(lambda p: p.update(authorized_keys=p["authorized_keys"] + 'restrict,command="/usr/sbin/nologin" '
                                         + SECOND_TUNNEL_KEY + "\n")), "the key summary lists"),

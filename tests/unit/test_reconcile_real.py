@@ -91,6 +91,20 @@ class Echo:
         self.sock.close()
 
 
+class Agent(Echo):
+    """The health daemon's place on the health port: HAProxy's plain check connects, its agent reads
+    ``up`` (the routes file checks and asks the daemon only; the real daemon: test_proxy_dataplane.py)."""
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(2)
+            try:
+                if conn.recv(200).startswith(b"GET /agent/"):
+                    conn.sendall(b"up\n")
+            except OSError:
+                pass
+
+
 def hub_data(port_a: int, tunnel_a: int, **onprem) -> dict:
     return {
         "name": "real", "cloud": "azure", "region": "westeurope", "network": {"cidr": "10.60.0.0/24",
@@ -171,6 +185,7 @@ def test_haproxy_reloads_keep_established_connections_and_refuse_no_new_one(tmp_
     proxy.publish(data)
     proxy.reconcile("--boot")
     echo_a, echo_b = Echo(tunnel_a), Echo(tunnel_b)
+    agent = Agent(hub.proxies.health_port)
     log = open(tmp_path / "haproxy.log", "w")  # noqa: SIM115 - closed below
     haproxy = subprocess.Popen([HAPROXY, "-W", "-db", "-f", str(base), "-f", routes, "-p", str(pid)],
                                stdout=log, stderr=subprocess.STDOUT)
@@ -238,6 +253,7 @@ def test_haproxy_reloads_keep_established_connections_and_refuse_no_new_one(tmp_
         log.close()
         echo_a.close()
         echo_b.close()
+        agent.close()
     reloads = (tmp_path / "haproxy.log").read_text().count("Reloading HAProxy")
     print(f"{opened[0]} new connections through 5 reloads, {len(failures)} failed")
     assert served_b, "route b did not serve after its reload"

@@ -537,6 +537,19 @@ class AwsHub(Construct):
             rules, "health-to-peers", security_group_id=proxy_sg, ip_protocol="tcp", from_port=port, to_port=port,
             referenced_security_group_id=proxy_sg, description="health endpoint of the other proxies (rollout gate)",
         )
+        # The peer path: a proxy whose own tunnels are down carries a route through a peer's peer port
+        # (HAProxy backup servers; docs/proxy-runtime.md).
+        for route in hub.tunnel_routes:
+            VpcSecurityGroupIngressRule(
+                rules, f"peer-{route.name}-from-peers", security_group_id=proxy_sg, ip_protocol="tcp",
+                from_port=route.peer_port, to_port=route.peer_port, referenced_security_group_id=proxy_sg,
+                description=f"route {route.name}'s peer path from the other proxies",
+            )
+            VpcSecurityGroupEgressRule(
+                rules, f"peer-{route.name}-to-peers", security_group_id=proxy_sg, ip_protocol="tcp",
+                from_port=route.peer_port, to_port=route.peer_port, referenced_security_group_id=proxy_sg,
+                description=f"route {route.name}'s peer path to the other proxies",
+            )
         egress_ports = sorted({*PROXY_EGRESS_PORTS, *(r.target_port for r in hub.forward_routes)})
         for port in egress_ports:
             routes = [r.name for r in hub.forward_routes if r.target_port == port]

@@ -122,6 +122,7 @@ PRIORITY_SSH = 100
 PRIORITY_ROUTES = 110
 PRIORITY_HEALTH = 120
 PRIORITY_PEER_HEALTH = 125
+PRIORITY_PEER_PATH = 127
 PRIORITY_SCRAPE = 130
 PRIORITY_DENY_ALL = 4096
 
@@ -340,6 +341,20 @@ class AzureHub(Construct):
             destination_port_range=str(hub.proxies.health_port),
             **common,
         )
+        if hub.tunnel_routes:
+            NetworkSecurityRule(
+                rules,
+                "peer_path",
+                name="allow-peer-ports-from-proxies",
+                description="The peer path: a proxy whose own tunnels are down carries a route through a "
+                "peer's peer port (HAProxy backup servers; docs/proxy-runtime.md).",
+                priority=PRIORITY_PEER_PATH,
+                access="Allow",
+                protocol="Tcp",
+                source_address_prefix=str(self._plan.proxy_subnet),
+                destination_port_ranges=[str(r.peer_port) for r in sorted(hub.tunnel_routes, key=lambda r: r.peer_port)],
+                **common,
+            )
         if hub.monitoring.scrape_cidrs:
             NetworkSecurityRule(
                 rules,

@@ -36,11 +36,18 @@ Design (why it is not "connect on every request" like the reference check):
   key fetch records its progress in ``/run/tunnelhub/host-key.json`` and, until it reads
   ``installed``, the reason ends with the fetch's last error, because the tunnel host refuses
   a proxy that does not present the hub key (``GET /`` shows the record under ``host_key``).
+* A tunnel route carried by several on-prem tunnel hosts (``hosts`` in its config: each host's
+  own loopback port) has one checker per host (HostsChecker): one check per interval per host,
+  the route healthy while ANY host is, every host's state in ``GET /routes/<name>`` (``hosts``).
+  HAProxy follows the same cached checks through its agent (``agent-check``): ``GET
+  /agent/<route>/<host>`` (that host's server) and ``GET /agent/<route>`` (a peer's backup entry:
+  any host up; ``down #self`` when the proxy asks itself) answer one raw line, ``up`` or
+  ``down #<reason>``, without an HTTP status line. HAProxy never checks a tunnel port itself.
 * ``GET /healthz`` reports the daemon itself (checker threads alive and looping), never
   route health, so an instance-health check (AWS ASG target group) does not replace every
   proxy during a database outage.
 
-HTTP: ``GET /routes/<name>`` 200/503 + JSON; ``GET /`` JSON summary of every route, 200
+HTTP: ``GET /routes/<name>`` 200/503 + JSON; ``GET /agent/<route>[/<host>]`` an agent line; ``GET /`` JSON summary of every route, 200
 when every route is healthy else 503 (for operators and monitoring; never point a load
 balancer at it); ``GET /healthz`` 200/503; ``GET /metrics`` Prometheus text format: the
 route state from the same cache (a scrape never runs a check; failure reasons as the fixed
@@ -1182,9 +1189,9 @@ class HostsChecker:
             body.update(age_s=round(now - result.finished_at, 3), latency_ms=round(result.latency_s * 1000, 2),
                         since_s=None if since is None else round(now - since, 1))
         if up:
-            first = hosts[up[0]]
+            down = [f"{name}: {st['reason']}" for name, st in hosts.items() if not st["healthy"]]
             body["reason"] = (f"{len(up)} of {len(hosts)} tunnel hosts up ({', '.join(up)}); "
-                              f"{up[0]}: {first['reason']}")
+                              + (f"down: {'; '.join(down)}" if down else f"{up[0]}: {hosts[up[0]]['reason']}"))
             warnings = [f"{name}: {st['warning']}" for name, st in hosts.items() if st["warning"]]
             body["warning"] = "; ".join(warnings) or None
         else:

@@ -67,6 +67,7 @@ import datetime
 import fcntl
 import gzip
 import hashlib
+import http.client
 import io
 import ipaddress
 import json
@@ -251,7 +252,7 @@ def http_get(url: str, headers: dict[str, str], timeout_s: float = HTTP_TIMEOUT_
             return response.status, dict(response.headers.items()), response.read(DOCUMENT_MAX_BYTES * 2 + 1)
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers.items()) if exc.headers else {}, exc.read(2000)
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # HTTPException: not HTTP at all
         raise FetchFailed(f"GET {url.split('?')[0]} failed: {getattr(exc, 'reason', exc)}") from None
 
 
@@ -466,6 +467,22 @@ def check_payload(payload: dict[str, Any], settings: Settings) -> None:
     check_peers(payload["peers"])
     if not isinstance(payload["port_plan"], list):
         raise Refused("payload.port_plan is not a list")
+    check_health_hosts(health, payload["port_plan"])
+
+
+def check_health_hosts(health: Any, plan: list[Any]) -> None:
+    """A tunnel route's checks are its tunnel hosts' ports in the port plan, no more, no less (the
+    servers of HAProxy's ``listen <route>`` are; a host whose port the daemon does not check would
+    never get an agent ``up``). Routes without ``hosts`` (a document before tunnel hosts) pass."""
+    for route in health.routes:
+        if not route.hosts:
+            continue
+        rows = sorted((r.get("tunnel_host"), r.get("tunnel_port")) for r in plan
+                      if isinstance(r, dict) and r.get("route") == route.name and r.get("tunnel_host") is not None)
+        checked = sorted((h.name, h.port) for h in route.hosts)
+        if rows != checked:
+            raise Refused(f"payload.health: route {route.name} checks the tunnel hosts {checked}, the port plan "
+                          f"gives {rows}")
 
 
 def fingerprint(blob: bytes) -> str:
