@@ -166,6 +166,13 @@ class BootHub:
         self._sweep_stale_mounts()
         for address in (IMDS_ADDRESS, AZURE_API_ADDRESS, AWS_API_ADDRESS):
             lab.topology.exec("gw", ["ip", "addr", "add", f"{address}/32", "dev", "lo"])
+        # The Azure proxies share a /26 but sit on separate links here: a proxy ARPs for its peer
+        # on-link, and Azure's network answers every ARP in a subnet itself. The gateway answers
+        # for the peers (proxy ARP) and routes between them, so each proxy reaches its peer's
+        # health and peer ports (the route's backup path, issue 15) as in the VNet (nslab.hub does
+        # the same).
+        for proxy in AZURE_PROXIES:
+            lab.topology.sysctl("gw", f"net.ipv4.conf.{lab.topology.ifname('gw', proxy)}.proxy_arp", 1)
         if lab.db is None:
             lab.start_db()
         first = self.synth_and_apply()
